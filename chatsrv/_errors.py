@@ -1,0 +1,91 @@
+"""The errors chatsrv raises, and how each one reaches a client.
+
+Third-party exceptions (SQLAlchemy, asyncpg, aiosqlite, openai, httpx) are mapped to this tree at
+the module that talks to them (``raise StoreUnavailable(...) from exc``); nothing above the store
+or the provider ever sees a foreign exception type::
+
+    ChatsrvError
+    ├── RequestError            a client's mistake: an HTTP 4xx with a JSON body, nothing written
+    │   ├── InvalidRequest      400 malformed JSON, 422 a body that does not validate
+    │   └── NotFound            404 unknown conversation, message or route
+    ├── ServiceUnavailable      503 the server is draining and starts no new turn
+    ├── StoreError              the database failed; a turn's persister gives up on it
+    │   └── StoreUnavailable    transient (connection lost or refused, locked, timed out): retry
+    └── UpstreamError           the model upstream refused or broke; ``code`` names how
+
+Before the SSE headers are sent an error is an HTTP status with the body
+``{"error": {"code": ..., "message": ...}}``; after, it is an ``error`` event followed by ``done``.
+"""
+
+from __future__ import annotations
+
+
+class ChatsrvError(Exception):
+    """The root of every error chatsrv raises on purpose."""
+
+    code = "internal_error"
+    status = 500
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+    def to_json(self) -> dict[str, dict[str, str]]:
+        return {"error": {"code": self.code, "message": self.message}}
+
+
+class RequestError(ChatsrvError):
+    """The request cannot be served as sent; the client should change it."""
+
+    code = "invalid_request"
+    status = 400
+
+
+class InvalidRequest(RequestError):
+    """Malformed JSON (400, ``invalid_json``) or a body that fails validation (422)."""
+
+    def __init__(self, message: str, *, code: str = "invalid_request", status: int = 422) -> None:
+        super().__init__(message, code=code)
+        self.status = status
+
+
+class NotFound(RequestError):
+    code = "not_found"
+    status = 404
+
+
+class ServiceUnavailable(ChatsrvError):
+    code = "unavailable"
+    status = 503
+
+
+class StoreError(ChatsrvError):
+    """The database did not do what was asked."""
+
+    code = "storage_error"
+
+
+class StoreUnavailable(StoreError):
+    """A failure worth retrying: the connection was lost or refused, the database was locked or
+    did not answer in time."""
+
+    code = "storage_unavailable"
+    status = 503
+
+
+class UpstreamError(ChatsrvError):
+    """The model upstream refused the request or broke while streaming.
+
+    ``code`` is one of ``upstream_status`` (an HTTP error status; ``status_code`` holds it),
+    ``upstream_connection`` (unreachable, reset, timed out), ``upstream_protocol`` (a stream that
+    ended early or could not be parsed) or ``upstream_error`` (an error object inside the stream).
+    """
+
+    code = "upstream_error"
+    status = 502
+
+    def __init__(self, message: str, *, code: str = "upstream_error", status_code: int | None = None):
+        super().__init__(message, code=code)
+        self.status_code = status_code

@@ -1,0 +1,75 @@
+"""chatsrv's settings: read from the environment once, in one place, then passed explicitly.
+
+Every variable is ``CHATSRV_`` + the field name in upper case (``CHATSRV_TURN_DEADLINE_S``);
+``OPENAI_API_KEY`` is honoured when ``CHATSRV_LLM_API_KEY`` is unset.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///chatsrv.db"
+DEMO_MODEL = "chatsrv-demo"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CHATSRV_", frozen=True, extra="ignore")
+
+    # Where to listen, for `chatsrv serve` (hypercorn's own config applies under `hypercorn`).
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    # The database: PostgreSQL (postgresql://, postgresql+asyncpg://) or SQLite (sqlite:///path).
+    database_url: str = DEFAULT_DATABASE_URL
+    db_pool_size: int = Field(10, ge=1)
+    db_timeout_s: float = Field(10.0, gt=0)
+
+    # The upstream. "auto" picks "openai" when a base URL or an API key is set, else "demo".
+    llm_provider: Literal["auto", "openai", "demo"] = "auto"
+    llm_base_url: str | None = None
+    llm_api_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("CHATSRV_LLM_API_KEY", "OPENAI_API_KEY")
+    )
+    llm_model: str | None = None
+    llm_timeout_s: float = Field(60.0, gt=0)
+    llm_max_retries: int = Field(2, ge=0)
+    demo_token_interval_s: float = Field(0.05, ge=0)
+
+    # Turns.
+    turn_deadline_s: float = Field(600.0, gt=0)
+    heartbeat_s: float = Field(15.0, gt=0)
+    shutdown_grace_s: float = Field(5.0, ge=0)
+    persist_grace_s: float = Field(10.0, gt=0)
+    max_message_chars: int = Field(100_000, ge=1)
+
+    @field_validator("database_url")
+    @classmethod
+    def _async_driver(cls, url: str) -> str:
+        """Accept plain URLs and name the async driver chatsrv runs them with."""
+        for plain, driver in (
+            ("postgresql://", "postgresql+asyncpg://"),
+            ("postgres://", "postgresql+asyncpg://"),
+            ("sqlite://", "sqlite+aiosqlite://"),
+        ):
+            if url.startswith(plain):
+                return driver + url[len(plain) :]
+        if url.startswith(("postgresql+asyncpg://", "sqlite+aiosqlite://")):
+            return url
+        raise ValueError("CHATSRV_DATABASE_URL must be a postgresql:// or sqlite:// URL")
+
+    @property
+    def provider(self) -> Literal["openai", "demo"]:
+        if self.llm_provider != "auto":
+            return self.llm_provider
+        return "openai" if self.llm_base_url or self.llm_api_key else "demo"
+
+    @property
+    def model(self) -> str:
+        """The model a turn uses when neither the request nor the conversation names one."""
+        if self.llm_model:
+            return self.llm_model
+        return DEMO_MODEL if self.provider == "demo" else "gpt-4o-mini"
