@@ -2,3 +2,4 @@
 
 from tests.db import database_url, postgresql_url, store  # noqa: F401
 from tests.fake_upstream import upstream  # noqa: F401
+from tests.server import chatsrv, start_chatsrv  # noqa: F401

@@ -1,0 +1,44 @@
+"""Learning early that hypercorn is shutting this worker down.
+
+ASGI tells an application about shutdown only through the lifespan protocol, and hypercorn sends
+``lifespan.shutdown`` after it has already closed every connection (after ``graceful_timeout``). A
+streaming reply would then look like a client that went away, and the client would never get its
+``done`` event. The turn engine needs to know at the moment hypercorn starts to shut down.
+
+The ``hypercorn`` command runs each worker in a child process and tells it to stop by setting a
+``multiprocessing.Event`` that it passes to the worker function (``trio_worker(config, sockets,
+shutdown_event)``); the worker polls it every 100 ms. The application is not given that event, but
+it is one of the arguments of the current process, so we read it from there — a read-only look,
+nothing of hypercorn is patched. When chatsrv does not run as such a worker (``chatsrv serve``,
+tests, ``workers = 0``) there is no event and whoever runs the server calls ``drain()`` itself.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Callable
+from typing import Protocol
+
+import trio
+
+_POLL_S = 0.1  # hypercorn's own polling interval for the same event
+
+
+class _EventLike(Protocol):
+    def is_set(self) -> bool: ...
+
+
+def worker_shutdown_event() -> _EventLike | None:
+    """The event hypercorn sets to stop this worker process, if this is a hypercorn worker."""
+    process = multiprocessing.current_process()
+    kwargs = getattr(process, "_kwargs", None)
+    if not isinstance(kwargs, dict):
+        return None
+    event = kwargs.get("shutdown_event")
+    return event if callable(getattr(event, "is_set", None)) else None
+
+
+async def watch_worker_shutdown(event: _EventLike, on_shutdown: Callable[[], None]) -> None:
+    while not event.is_set():
+        await trio.sleep(_POLL_S)
+    on_shutdown()

@@ -1,0 +1,109 @@
+"""The relay: one client's view of a turn, written as Server-Sent Events.
+
+The SSE body is an async generator that Quart iterates in the request task. It holds no nursery
+and never yields inside a cancel scope: each wait for news is a ``move_on_after`` closed before the
+``yield``. It only reads what the turn's persister already holds, so a client can never receive a
+character the database will not get.
+
+Events, in order (the HTTP contract, v1)::
+
+    event: start   data: {"message_id", "user_message_id", "conversation_id"}
+    id: N          event: delta   data: {"content": "..."}   N = characters of the reply so far
+    event: error   data: {"error": {"code", "message"}}       only when the turn failed
+    event: done    data: {"message_id", "status", "stop_reason", "usage"?}
+    : ping         a comment every heartbeat while idle (on HTTP/1.1 it is also how a gone
+                   client is noticed: hypercorn learns of it only when a write fails)
+
+Deltas that are already waiting when the client is ready go out as one event; the relay never
+waits in order to batch. A slow reader therefore gets fewer, larger events, and costs no memory
+beyond the reply itself.
+
+When the client goes away the generator is cancelled (or closed) wherever it is suspended; its
+``finally`` detaches from the turn, synchronously, and the last relay to leave stops the turn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import trio
+
+from ._engine import Turn
+
+PING = b": ping\n\n"
+
+
+def _event(name: str, data: dict[str, Any], *, event_id: int | None = None) -> bytes:
+    head = b"" if event_id is None else b"id: %d\n" % event_id
+    return head + b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+
+
+def start_event(turn: Turn) -> bytes:
+    return _event(
+        "start",
+        {
+            "message_id": turn.message_id,
+            "user_message_id": turn.user_message_id,
+            "conversation_id": turn.conversation_id,
+        },
+    )
+
+
+def delta_event(text: str, length: int) -> bytes:
+    return _event("delta", {"content": text}, event_id=length)
+
+
+def closing_events(turn: Turn) -> bytes:
+    """The ``error`` (if any) and ``done`` events of a finished turn."""
+    outcome = turn.outcome
+    assert outcome is not None, "a finished turn has an outcome"
+    events = b""
+    if outcome.error_code is not None:
+        message = outcome.error or outcome.error_code
+        events += _event("error", {"error": {"code": outcome.error_code, "message": message}})
+    if not turn.persisted:
+        events += _event(
+            "error",
+            {
+                "error": {
+                    "code": "storage_unavailable",
+                    "message": "the reply could not be saved; it may be incomplete when read back",
+                }
+            },
+        )
+    done: dict[str, Any] = {
+        "message_id": turn.message_id,
+        "status": outcome.status.value,
+        "stop_reason": outcome.stop_reason,
+    }
+    if outcome.usage is not None:
+        done["usage"] = outcome.usage
+    return events + _event("done", done)
+
+
+async def relay(turn: Turn, *, heartbeat_s: float) -> AsyncIterator[bytes]:
+    """Stream ``turn`` to one client, from its first character to its ``done`` event."""
+    turn.attach()
+    try:
+        yield start_event(turn)
+        sent_chunks = 0
+        sent_length = 0
+        while True:
+            waiting = len(turn.chunks)
+            if waiting > sent_chunks:
+                text = "".join(turn.chunks[sent_chunks:waiting])
+                sent_chunks = waiting
+                sent_length += len(text)
+                yield delta_event(text, sent_length)
+                continue
+            if turn.finished.is_set():
+                break
+            with trio.move_on_after(heartbeat_s) as idle:
+                await turn.wait_changed()
+            if idle.cancelled_caught:
+                yield PING
+        yield closing_events(turn)
+    finally:
+        turn.detach()

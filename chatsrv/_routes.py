@@ -1,0 +1,165 @@
+"""The HTTP API, v1. Routes parse and validate, call the store or the engine, shape the response.
+
+A request that fails validation is answered before anything is written.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from quart import Blueprint, Response, current_app, request
+
+from ._engine import TurnRequest
+from ._errors import InvalidRequest, NotFound
+from ._relay import relay
+from ._service import Service
+
+api = Blueprint("api", __name__)
+
+SSE_HEADERS = {
+    "Cache-Control": "no-cache",
+    # nginx and compatible proxies: pass each event through at once.
+    "X-Accel-Buffering": "no",
+}
+
+
+class _Body(BaseModel):
+    # Strict: a number where a string belongs is an error, not a conversion. Unknown fields are
+    # ignored so that clients may send more than this version reads.
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class NewConversation(_Body):
+    title: str | None = Field(None, max_length=1000)
+    model: str | None = Field(None, min_length=1, max_length=200)
+    system: str | None = None
+
+
+class NewMessage(_Body):
+    content: str
+    model: str | None = Field(None, min_length=1, max_length=200)
+
+    @field_validator("content")
+    @classmethod
+    def _not_blank(cls, content: str) -> str:
+        if not content.strip():
+            raise ValueError("must not be empty")
+        return content
+
+
+_B = TypeVar("_B", bound=_Body)
+
+
+async def _parse(model: type[_B]) -> _B:
+    raw = await request.get_data(as_text=False)
+    try:
+        data = orjson.loads(raw) if raw.strip() else {}
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(
+            f"the body is not valid JSON: {exc}", code="invalid_json", status=400
+        ) from exc
+    if not isinstance(data, dict):
+        raise InvalidRequest("the body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidRequest(_describe(exc)) from exc
+
+
+def _describe(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors(include_url=False):
+        where = ".".join(str(part) for part in error["loc"]) or "body"
+        problems.append(f"{where}: {error['msg']}")
+    return "; ".join(problems)
+
+
+def _service() -> Service:
+    service: Service = current_app.extensions["chatsrv"]
+    return service
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status=status, mimetype="application/json")
+
+
+@api.get("/healthz")
+async def healthz() -> Response:
+    return _json({"status": "ok"})
+
+
+@api.post("/v1/conversations")
+async def create_conversation() -> Response:
+    body = await _parse(NewConversation)
+    conversation = await _service().store.create_conversation(
+        title=body.title, model=body.model, system=body.system
+    )
+    return _json(conversation, 201)
+
+
+@api.get("/v1/conversations")
+async def list_conversations() -> Response:
+    limit = request.args.get("limit", "100")
+    if not limit.isdigit() or not 1 <= int(limit) <= 1000:
+        raise InvalidRequest("limit: must be an integer from 1 to 1000")
+    conversations = await _service().store.list_conversations(limit=int(limit))
+    return _json({"conversations": conversations})
+
+
+@api.get("/v1/conversations/<conversation_id>")
+async def get_conversation(conversation_id: str) -> Response:
+    conversation = await _service().store.get_conversation(conversation_id)
+    if conversation is None:
+        raise NotFound("conversation not found")
+    return _json(conversation)
+
+
+@api.delete("/v1/conversations/<conversation_id>")
+async def delete_conversation(conversation_id: str) -> Response:
+    if not await _service().store.delete_conversation(conversation_id):
+        raise NotFound("conversation not found")
+    return Response(b"", status=204)
+
+
+@api.get("/v1/conversations/<conversation_id>/messages")
+async def list_messages(conversation_id: str) -> Response:
+    messages = await _service().store.list_messages(conversation_id)
+    if messages is None:
+        raise NotFound("conversation not found")
+    return _json({"messages": messages})
+
+
+@api.post("/v1/conversations/<conversation_id>/messages")
+async def post_message(conversation_id: str) -> Response:
+    service = _service()
+    body = await _parse(NewMessage)
+    if len(body.content) > service.settings.max_message_chars:
+        raise InvalidRequest(
+            f"content: at most {service.settings.max_message_chars} characters"
+        )
+    conversation = await service.store.get_conversation(conversation_id)
+    if conversation is None:
+        raise NotFound("conversation not found")
+    model = body.model or conversation["model"] or service.settings.model
+    turn = await service.engine.start_turn(
+        TurnRequest(conversation_id=conversation_id, content=body.content, model=model)
+    )
+    response = Response(
+        relay(turn, heartbeat_s=service.settings.heartbeat_s),
+        status=200,
+        headers=SSE_HEADERS,
+        content_type="text/event-stream; charset=utf-8",
+    )
+    # Quart's RESPONSE_TIMEOUT (60 s) would cut long replies; the turn's deadline applies instead.
+    response.timeout = None
+    return response
+
+
+@api.get("/v1/messages/<message_id>")
+async def get_message(message_id: str) -> Response:
+    message = await _service().store.get_message(message_id)
+    if message is None:
+        raise NotFound("message not found")
+    return _json(message)

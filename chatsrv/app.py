@@ -1,0 +1,93 @@
+"""The ASGI application: ``hypercorn -c hypercorn.toml "chatsrv.app:create_app()"``.
+
+``create_app`` builds a Quart-Trio app whose lifespan runs the service (store, provider, turn
+engine) in quart-trio's app nursery. quart-trio cancels that nursery *before* it runs the
+``after_serving`` hooks, so the hook below waits — shielded, bounded — until the service has
+drained every turn and closed the database, and shutdown cannot outrun a persister.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+import trio
+from quart import Response
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from ._errors import ChatsrvError
+from ._hypercorn import watch_worker_shutdown, worker_shutdown_event
+from ._routes import api
+from ._service import Service, run_service
+from ._settings import Settings
+
+log = logging.getLogger("chatsrv")
+
+# The largest request body: a message of CHATSRV_MAX_MESSAGE_CHARS is checked separately.
+_MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
+def create_app(settings: Settings | None = None) -> QuartTrio:
+    """Build the application. Settings come from the environment unless given."""
+    settings = settings if settings is not None else Settings()
+    _configure_logging(settings)
+    app = QuartTrio("chatsrv")
+    app.config["MAX_CONTENT_LENGTH"] = _MAX_BODY_BYTES
+    app.config["JSON_SORT_KEYS"] = False
+    app.extensions["chatsrv.settings"] = settings
+    app.register_blueprint(api)
+
+    @app.before_serving
+    async def start_service() -> None:
+        service: Service = await app.nursery.start(run_service, settings)
+        app.extensions["chatsrv"] = service
+        event = worker_shutdown_event()
+        if event is not None:
+            app.nursery.start_soon(watch_worker_shutdown, event, service.engine.drain)
+
+    @app.after_serving
+    async def stop_service() -> None:
+        service: Service | None = app.extensions.get("chatsrv")
+        if service is None:
+            return
+        service.stop()
+        bound = settings.shutdown_grace_s + settings.persist_grace_s + settings.db_timeout_s
+        with trio.move_on_after(bound, shield=True):
+            await service.closed.wait()
+        if not service.closed.is_set():
+            log.error("the service did not close within %.1f s", bound)
+
+    @app.errorhandler(ChatsrvError)
+    async def chatsrv_error(error: ChatsrvError) -> Response:
+        return _error_response(error.status, error.code, error.message)
+
+    @app.errorhandler(HTTPException)
+    async def http_error(error: HTTPException) -> Response:
+        code = (error.name or "error").lower().replace(" ", "_")
+        return _error_response(error.code or 500, code, error.description or code)
+
+    @app.errorhandler(Exception)
+    async def internal_error(error: Exception) -> Response:
+        log.exception("unhandled error", exc_info=error)
+        return _error_response(500, "internal_error", "internal server error")
+
+    return app
+
+
+def _error_response(status: int, code: str, message: str) -> Response:
+    body: dict[str, Any] = {"error": {"code": code, "message": message}}
+    response = Response(orjson.dumps(body), status=status, mimetype="application/json")
+    if status == 503:
+        response.headers["Retry-After"] = "5"
+    return response
+
+
+def _configure_logging(settings: Settings) -> None:
+    logger = logging.getLogger("chatsrv")
+    logger.setLevel(settings.log_level)
+    if not logging.getLogger().handlers and not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)

@@ -1,0 +1,184 @@
+"""A real chatsrv under test: the app from ``create_app`` served by hypercorn's trio worker on a
+loopback port chosen by the kernel, inside the test's own nursery, talking to the fake upstream
+through the real openai SDK, and a real HTTP client with an SSE parser on the other side.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import trio
+from httpx_sse import ServerSentEvent, aconnect_sse
+from hypercorn.config import Config
+from hypercorn.trio import serve as hypercorn_serve
+
+from chatsrv._service import Service
+from chatsrv._settings import Settings
+from chatsrv.app import create_app
+
+
+@dataclass
+class Stream:
+    """What one client received from ``POST .../messages``."""
+
+    status_code: int
+    events: list[ServerSentEvent] = field(default_factory=list)
+
+    @property
+    def start(self) -> dict[str, Any]:
+        assert self.events and self.events[0].event == "start", self.events[:1]
+        return orjson.loads(self.events[0].data)
+
+    @property
+    def message_id(self) -> str:
+        return str(self.start["message_id"])
+
+    @property
+    def deltas(self) -> list[ServerSentEvent]:
+        return [event for event in self.events if event.event == "delta"]
+
+    @property
+    def text(self) -> str:
+        return "".join(orjson.loads(event.data)["content"] for event in self.deltas)
+
+    @property
+    def done(self) -> dict[str, Any] | None:
+        last = self.events[-1] if self.events else None
+        return orjson.loads(last.data) if last is not None and last.event == "done" else None
+
+    @property
+    def errors(self) -> list[dict[str, Any]]:
+        return [orjson.loads(e.data)["error"] for e in self.events if e.event == "error"]
+
+
+@dataclass
+class ApiClient:
+    """A client of chatsrv's HTTP API, wherever the server runs."""
+
+    client: httpx.AsyncClient
+
+    async def new_conversation(self, **body: Any) -> str:
+        response = await self.client.post("/v1/conversations", json=body)
+        assert response.status_code == 201, response.text
+        return str(response.json()["id"])
+
+    async def messages(self, conversation_id: str) -> list[dict[str, Any]]:
+        response = await self.client.get(f"/v1/conversations/{conversation_id}/messages")
+        assert response.status_code == 200, response.text
+        messages: list[dict[str, Any]] = response.json()["messages"]
+        return messages
+
+    async def stream(
+        self,
+        conversation_id: str,
+        content: str = "hello",
+        *,
+        model: str | None = None,
+        disconnect_after: int | None = None,
+        on_delta: Callable[[int], Awaitable[None]] | None = None,
+        into: Stream | None = None,
+    ) -> Stream:
+        """Post a message and read its SSE stream to the end, or close the connection after
+        ``disconnect_after`` delta events. Events are collected in ``into`` when given, so a
+        caller keeps what arrived even if the connection breaks."""
+        body: dict[str, Any] = {"content": content}
+        if model is not None:
+            body["model"] = model
+        async with aconnect_sse(
+            self.client, "POST", f"/v1/conversations/{conversation_id}/messages", json=body
+        ) as source:
+            stream = into if into is not None else Stream(0)
+            stream.status_code = source.response.status_code
+            try:
+                async for event in source.aiter_sse():
+                    stream.events.append(event)
+                    if event.event == "delta":
+                        if on_delta is not None:
+                            await on_delta(len(stream.deltas))
+                        if len(stream.deltas) == disconnect_after:
+                            # Closing the response closes the socket mid-body; the iteration
+                            # then fails, which unwinds httpx's generators (breaking out of the
+                            # loop would leave them to the garbage collector).
+                            await source.response.aclose()
+            except (httpx.StreamClosed, httpx.ReadError):
+                if len(stream.deltas) != disconnect_after:
+                    raise
+        return stream
+
+
+@dataclass
+class Chatsrv(ApiClient):
+    """A chatsrv running in this test's process, with its service in reach."""
+
+    extensions: dict[str, Any]
+    shutdown: trio.Event
+
+    @property
+    def service(self) -> Service:
+        service: Service = self.extensions["chatsrv"]
+        return service
+
+    async def wait_finished(self, message_id: str) -> None:
+        """Wait until the turn writing ``message_id`` has made its final commit."""
+        turn = self.service.engine.turn(message_id)
+        if turn is not None:
+            await turn.finished.wait()
+
+
+def chatsrv_settings(database_url: str, upstream_url: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "llm_provider": "openai",
+        "llm_base_url": upstream_url,
+        "llm_api_key": "test-key",
+        "llm_model": "fake-model",
+        "llm_max_retries": 0,
+        "heartbeat_s": 0.2,
+        "persist_grace_s": 10.0,
+        "shutdown_grace_s": 1.0,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+StartChatsrv = Callable[..., Awaitable[Chatsrv]]
+
+
+@pytest.fixture
+async def start_chatsrv(database_url: str, upstream: Any) -> AsyncIterator[StartChatsrv]:
+    """Start a chatsrv with the given setting overrides; all are stopped when the test ends."""
+    started: list[Chatsrv] = []
+    async with trio.open_nursery() as nursery:
+
+        async def start(**overrides: Any) -> Chatsrv:
+            settings = chatsrv_settings(database_url, upstream.base_url, **overrides)
+            app = create_app(settings)
+            config = Config()
+            config.bind = ["127.0.0.1:0"]
+            config.graceful_timeout = 2.0
+            config.accesslog = None
+            shutdown = trio.Event()
+            binds = await nursery.start(
+                partial(hypercorn_serve, app, config, shutdown_trigger=shutdown.wait)
+            )
+            client = httpx.AsyncClient(base_url=binds[0], timeout=30.0)
+            server = Chatsrv(client, app.extensions, shutdown)
+            started.append(server)
+            return server
+
+        yield start
+        for server in started:
+            await server.client.aclose()
+            server.service.engine.drain()
+            server.shutdown.set()
+
+
+@pytest.fixture
+async def chatsrv(start_chatsrv: StartChatsrv) -> Chatsrv:
+    return await start_chatsrv()

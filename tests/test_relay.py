@@ -1,0 +1,112 @@
+"""The relay on its own: a Turn fed by hand, read as SSE bytes. Deterministic (autojump clock)."""
+
+from __future__ import annotations
+
+import trio
+import trio.testing
+
+from chatsrv._engine import Outcome, Status, Turn
+from chatsrv._relay import PING, relay
+
+
+def make_turn(orphaned: list[Turn] | None = None) -> Turn:
+    return Turn(
+        conversation_id="c",
+        user_message_id="u",
+        message_id="m",
+        model="x",
+        deadline=trio.current_time() + 600,
+        on_orphaned=(orphaned if orphaned is not None else []).append,
+    )
+
+
+def finish(turn: Turn, status: Status = Status.COMPLETE, stop_reason: str = "stop") -> None:
+    turn.outcome = Outcome(status, stop_reason)
+    turn.persisted = True
+    turn._finish()
+
+
+async def test_waiting_deltas_go_out_as_one_event() -> None:
+    turn = make_turn()
+    events = relay(turn, heartbeat_s=15)
+    assert (await events.__anext__()).startswith(b"event: start\n")
+    for text in ("a", "bc", "déf"):
+        turn._append(text)
+    delta = await events.__anext__()
+    assert delta == b'id: 6\nevent: delta\ndata: {"content":"abcd\xc3\xa9f"}\n\n'
+    finish(turn)
+    done = await events.__anext__()
+    assert done == (
+        b'event: done\ndata: {"message_id":"m","status":"complete","stop_reason":"stop"}\n\n'
+    )
+    await events.aclose()
+
+
+async def test_relay_does_not_wait_to_batch(autojump_clock: trio.testing.MockClock) -> None:
+    turn = make_turn()
+    events = relay(turn, heartbeat_s=15)
+    await events.__anext__()
+    received: list[bytes] = []
+    async with trio.open_nursery() as nursery:
+
+        async def read_one() -> None:
+            received.append(await events.__anext__())
+
+        nursery.start_soon(read_one)
+        await trio.testing.wait_all_tasks_blocked()
+        turn._append("x")
+        start = trio.current_time()
+    assert received == [b'id: 1\nevent: delta\ndata: {"content":"x"}\n\n']
+    assert trio.current_time() == start
+    await events.aclose()
+
+
+async def test_ping_while_idle(autojump_clock: trio.testing.MockClock) -> None:
+    turn = make_turn()
+    events = relay(turn, heartbeat_s=15)
+    await events.__anext__()
+    start = trio.current_time()
+    assert await events.__anext__() == PING
+    assert trio.current_time() - start == 15
+    assert await events.__anext__() == PING
+    assert trio.current_time() - start == 30
+    await events.aclose()
+
+
+async def test_last_relay_leaving_orphans_the_turn() -> None:
+    orphaned: list[Turn] = []
+    turn = make_turn(orphaned)
+    first, second = relay(turn, heartbeat_s=15), relay(turn, heartbeat_s=15)
+    await first.__anext__()
+    await second.__anext__()
+    await first.aclose()
+    assert orphaned == []
+    await second.aclose()
+    assert orphaned == [turn]
+
+
+async def test_relay_leaving_a_finished_turn_orphans_nothing() -> None:
+    orphaned: list[Turn] = []
+    turn = make_turn(orphaned)
+    events = relay(turn, heartbeat_s=15)
+    finish(turn)
+    chunks = [chunk async for chunk in events]
+    assert chunks[-1].startswith(b"event: done\n")
+    assert orphaned == []
+
+
+async def test_failed_turn_sends_error_then_done() -> None:
+    turn = make_turn()
+    turn._append("partial")
+    turn.outcome = Outcome(Status.FAILED, "upstream_error", "upstream_status", "HTTP 500")
+    turn.persisted = True
+    turn._finish()
+    body = b"".join([chunk async for chunk in relay(turn, heartbeat_s=15)])
+    events = body.split(b"\n\n")[:-1]
+    assert [event.split(b"\n")[0] for event in events] == [
+        b"event: start",
+        b"id: 7",
+        b"event: error",
+        b"event: done",
+    ]
+    assert b'"code":"upstream_status"' in events[2]

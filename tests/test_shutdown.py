@@ -1,0 +1,138 @@
+"""SIGTERM to chatsrv deployed as documented — ``hypercorn -c <config> "chatsrv.app:create_app()"``
+in a real subprocess — while 20 replies stream, each longer than hypercorn's graceful_timeout.
+
+Every reply is committed ``interrupted``/``server_shutdown`` with at least what its client
+received, and hypercorn exits 0. With the grace shorter than ``graceful_timeout`` (the shipped
+configuration) every client also gets its ``done`` event; with it longer, hypercorn closes the
+connections first and the replies are committed all the same.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from chatsrv._store import Store
+from tests.server import ApiClient, Stream
+
+STREAMS = 20
+TOKENS = [f"w{i} " for i in range(2000)]  # at 20 ms a token: 40 s, far beyond any grace here
+
+
+async def run_hypercorn(
+    nursery: trio.Nursery, tmp_path: Path, env: dict[str, str], graceful_timeout: float
+) -> tuple[trio.Process, str, list[bytes]]:
+    config = tmp_path / "hypercorn.toml"
+    config.write_text(
+        'bind = ["127.0.0.1:0"]\nworker_class = "trio"\nworkers = 1\n'
+        f"graceful_timeout = {graceful_timeout}\n"
+    )
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "hypercorn", "-c", str(config), "chatsrv.app:create_app()"],
+        env=env,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    log: list[bytes] = []
+    url = trio.Event()
+    found: list[str] = []
+
+    async def read_log() -> None:
+        assert process.stderr is not None
+        buffer = b""
+        async for data in process.stderr:
+            log.append(data)
+            buffer += data
+            if not url.is_set() and (m := re.search(rb"Running on (http://\S+)", buffer)):
+                found.append(m.group(1).decode())
+                url.set()
+
+    nursery.start_soon(read_log)
+    with trio.fail_after(30):
+        await url.wait()
+    return process, found[0], log
+
+
+@pytest.mark.parametrize(
+    ("grace_s", "graceful_timeout", "clients_get_done"),
+    [
+        pytest.param(1.0, 3.0, True, id="grace-within-graceful-timeout"),
+        pytest.param(5.0, 1.0, False, id="graceful-timeout-first"),
+    ],
+)
+async def test_sigterm_commits_every_streaming_reply(
+    database_url: str,
+    upstream: Any,
+    tmp_path: Path,
+    grace_s: float,
+    graceful_timeout: float,
+    clients_get_done: bool,
+) -> None:
+    upstream.script.tokens = TOKENS
+    upstream.script.interval_s = 0.02
+    env = {
+        **os.environ,
+        "CHATSRV_DATABASE_URL": database_url,
+        "CHATSRV_LLM_PROVIDER": "openai",
+        "CHATSRV_LLM_BASE_URL": upstream.base_url,
+        "CHATSRV_LLM_API_KEY": "test-key",
+        "CHATSRV_SHUTDOWN_GRACE_S": str(grace_s),
+        "CHATSRV_HEARTBEAT_S": "0.5",
+        "CHATSRV_LOG_LEVEL": "WARNING",
+    }
+    streams: dict[str, Stream] = {}
+    async with trio.open_nursery() as nursery:
+        process, url, log = await run_hypercorn(nursery, tmp_path, env, graceful_timeout)
+        try:
+            async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+                api = ApiClient(http)
+                conversations = [await api.new_conversation() for _ in range(STREAMS)]
+                streaming = trio.Semaphore(0)
+
+                async def client(conversation_id: str) -> None:
+                    async def seen(received: int) -> None:
+                        if received == 1:
+                            streaming.release()
+
+                    stream = Stream(0)
+                    streams[conversation_id] = stream
+                    try:
+                        await api.stream(conversation_id, on_delta=seen, into=stream)
+                    except httpx.RemoteProtocolError:
+                        assert not clients_get_done, "the connection was cut before `done`"
+
+                with trio.fail_after(60):
+                    async with trio.open_nursery() as clients:
+                        for conversation_id in conversations:
+                            clients.start_soon(client, conversation_id)
+                        for _ in conversations:
+                            await streaming.acquire()
+                        process.send_signal(signal.SIGTERM)
+                    assert await process.wait() == 0, b"".join(log).decode()
+        finally:
+            if process.returncode is None:
+                process.kill()
+            nursery.cancel_scope.cancel()
+
+    async with Store.open(database_url) as store:
+        for conversation_id, stream in streams.items():
+            messages = await store.list_messages(conversation_id)
+            assert messages is not None
+            [reply] = [m for m in messages if m["role"] == "assistant"]
+            assert (reply["status"], reply["stop_reason"]) == ("interrupted", "server_shutdown")
+            assert reply["content"].startswith(stream.text) and stream.text
+            if clients_get_done:
+                assert stream.done == {
+                    "message_id": reply["id"],
+                    "status": "interrupted",
+                    "stop_reason": "server_shutdown",
+                }

@@ -1,0 +1,150 @@
+"""How a turn ends, against real components on both stores: each way a reply can be cut short
+keeps exactly what the client received (and anything after it), with the right final status."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+
+from tests.server import Chatsrv, StartChatsrv
+
+TOKENS = [f"tok{i} " for i in range(40)]
+
+
+async def assistant_row(chatsrv: Chatsrv, conversation_id: str) -> dict[str, Any]:
+    messages = await chatsrv.messages(conversation_id)
+    assistants = [m for m in messages if m["role"] == "assistant"]
+    assert len(assistants) == 1, messages
+    return assistants[0]
+
+
+@pytest.mark.parametrize("k", [1, 2, 5])
+async def test_client_disconnect_after_k_deltas(chatsrv: Chatsrv, upstream: Any, k: int) -> None:
+    upstream.script.tokens = TOKENS
+    upstream.script.gated = True
+    conversation_id = await chatsrv.new_conversation()
+
+    async def one_more(received: int) -> None:
+        if received < k:
+            upstream.release(1)
+
+    upstream.release(1)
+    with trio.fail_after(10):
+        stream = await chatsrv.stream(conversation_id, disconnect_after=k, on_delta=one_more)
+        assert len(stream.deltas) == k
+        # Nothing else is released: the heartbeat is what finds the client gone.
+        await chatsrv.wait_finished(stream.message_id)
+        await upstream.wait_disconnected()
+
+    row = await assistant_row(chatsrv, conversation_id)
+    assert (row["status"], row["stop_reason"]) == ("interrupted", "client_disconnected")
+    assert row["content"].startswith(stream.text)
+    assert row["content"] == "".join(TOKENS[:k])
+
+
+async def test_deadline_keeps_the_partial_reply(start_chatsrv: StartChatsrv, upstream: Any) -> None:
+    chatsrv = await start_chatsrv(turn_deadline_s=1.0)
+    upstream.script.tokens = TOKENS
+    upstream.script.stall_after = 3
+    conversation_id = await chatsrv.new_conversation()
+
+    with trio.fail_after(10):
+        stream = await chatsrv.stream(conversation_id)
+        await upstream.wait_disconnected()
+
+    assert stream.done is not None
+    assert (stream.done["status"], stream.done["stop_reason"]) == ("timed_out", "deadline")
+    assert stream.text == "".join(TOKENS[:3])
+    row = await assistant_row(chatsrv, conversation_id)
+    assert (row["status"], row["stop_reason"], row["content"]) == (
+        "timed_out",
+        "deadline",
+        stream.text,
+    )
+
+
+async def test_upstream_breaking_mid_stream_keeps_the_partial(
+    chatsrv: Chatsrv, upstream: Any
+) -> None:
+    upstream.script.tokens = TOKENS
+    upstream.script.fail_after = 4
+    conversation_id = await chatsrv.new_conversation()
+
+    with trio.fail_after(10):
+        stream = await chatsrv.stream(conversation_id)
+
+    assert stream.text == "".join(TOKENS[:4])
+    assert [error["code"] for error in stream.errors] == ["upstream_protocol"]
+    assert stream.done is not None
+    assert (stream.done["status"], stream.done["stop_reason"]) == ("failed", "upstream_error")
+    row = await assistant_row(chatsrv, conversation_id)
+    assert (row["status"], row["stop_reason"], row["content"]) == (
+        "failed",
+        "upstream_error",
+        stream.text,
+    )
+    assert row["error"]
+
+
+@pytest.mark.parametrize("status", [429, 500])
+async def test_upstream_refusing_before_the_first_token(
+    chatsrv: Chatsrv, upstream: Any, status: int
+) -> None:
+    upstream.script.error_status = status
+    conversation_id = await chatsrv.new_conversation()
+
+    with trio.fail_after(10):
+        stream = await chatsrv.stream(conversation_id)
+
+    assert [event.event for event in stream.events] == ["start", "error", "done"]
+    assert [error["code"] for error in stream.errors] == ["upstream_status"]
+    assert stream.done is not None
+    assert (stream.done["status"], stream.done["stop_reason"]) == ("failed", "upstream_error")
+    row = await assistant_row(chatsrv, conversation_id)
+    assert (row["status"], row["content"]) == ("failed", "")
+    assert str(status) in row["error"]
+
+
+async def test_drain_interrupts_running_turns_and_tells_their_clients(
+    chatsrv: Chatsrv, upstream: Any
+) -> None:
+    upstream.script.tokens = TOKENS
+    upstream.script.interval_s = 0.05
+    conversation_ids = [await chatsrv.new_conversation() for _ in range(5)]
+    streams: list[Any] = []
+    first_delta = trio.Semaphore(0)
+
+    async def client(conversation_id: str) -> None:
+        async def seen(received: int) -> None:
+            if received == 1:
+                first_delta.release()
+
+        streams.append(await chatsrv.stream(conversation_id, on_delta=seen))
+
+    with trio.fail_after(15):
+        async with trio.open_nursery() as nursery:
+            for conversation_id in conversation_ids:
+                nursery.start_soon(client, conversation_id)
+            for _ in conversation_ids:
+                await first_delta.acquire()
+            chatsrv.service.engine.drain()
+            response = await chatsrv.client.post(
+                f"/v1/conversations/{conversation_ids[0]}/messages", json={"content": "late"}
+            )
+            assert response.status_code == 503
+            assert response.headers["retry-after"]
+        await chatsrv.service.engine.drained.wait()
+
+    for stream in streams:
+        assert stream.done is not None
+        assert (stream.done["status"], stream.done["stop_reason"]) == (
+            "interrupted",
+            "server_shutdown",
+        )
+    for conversation_id in conversation_ids:
+        row = await assistant_row(chatsrv, conversation_id)
+        assert (row["status"], row["stop_reason"]) == ("interrupted", "server_shutdown")
+        received = next(s.text for s in streams if s.start["conversation_id"] == conversation_id)
+        assert row["content"].startswith(received) and received
