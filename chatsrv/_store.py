@@ -1,0 +1,414 @@
+"""The store: conversations and messages in PostgreSQL or SQLite, behind a Trio-facing API.
+
+It owns the database completely: the SQLAlchemy async engine and its pool, the asyncio loop they
+run on (an :class:`~chatsrv._aio.AsyncioThread`), the schema, and the error boundary: every
+driver exception leaves as :class:`~chatsrv._errors.StoreError`, or as
+:class:`~chatsrv._errors.StoreUnavailable` when a retry may succeed (see ``_database.py``, which
+also builds the engine, and ``_tables.py``). Nothing else in chatsrv imports SQLAlchemy, asyncpg
+or aiosqlite.
+
+Every public method is one hop to the asyncio loop running one coroutine, which checks one
+connection out of the pool and runs one short transaction: no connection is held across calls,
+so thousands of turns share a pool of about ten. Ids are canonical UUID strings; an id that is
+not a UUID finds nothing. Timestamps are set here, strictly increasing within the process, and
+returned as ISO 8601 UTC strings; messages are ordered by ``(created_at, id)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import uuid
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final, TypedDict, TypeVar
+
+import trio
+from sqlalchemy import Row, delete, insert, inspect, select, text, update
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from chatsrv._aio import AsyncioThread, BridgeClosed, open_asyncio_thread
+from chatsrv._database import create_engine, map_error
+from chatsrv._errors import StoreError
+from chatsrv._tables import MESSAGE_STATUSES, TABLE_NAMES, conversations, messages
+from chatsrv._tables import schema_statements as _schema_statements
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# The key of the transaction-scoped advisory lock that serialises schema application between
+# workers starting at once on PostgreSQL (any constant int64: "chatsrv1" in ASCII).
+_SCHEMA_LOCK_KEY: Final = 0x6368617473727631
+
+
+class Conversation(TypedDict):
+    id: str
+    title: str | None
+    model: str | None
+    system: str | None
+    created_at: str
+
+
+class Message(TypedDict):
+    id: str
+    conversation_id: str
+    role: str
+    content: str
+    status: str
+    stop_reason: str | None
+    error: str | None
+    model: str | None
+    usage: dict[str, Any] | None
+    created_at: str
+    updated_at: str
+
+
+@dataclass(frozen=True)
+class TurnStart:
+    conversation: Conversation
+    user_message: Message
+    assistant_message: Message
+    # The upstream prompt: the system prompt if any, earlier messages with content, the new one.
+    history: list[dict[str, str]]
+
+
+class Store:
+    """The database, for Trio code. Build it with :meth:`open`."""
+
+    def __init__(self, bridge: AsyncioThread, engine: AsyncEngine) -> None:
+        self._bridge = bridge
+        self._engine = engine
+        self._postgresql = engine.dialect.name == "postgresql"
+        # Writes take SQLite's write lock at BEGIN (_database.configure_sqlite); no-op on PG.
+        self._writer = engine.execution_options(chatsrv_begin="IMMEDIATE")
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(
+        cls,
+        url: str,
+        *,
+        pool_size: int = 10,
+        timeout_s: float = 10.0,
+        init_schema: bool = True,
+    ) -> AsyncIterator[Store]:
+        """Start the asyncio thread and the engine, apply the schema if it is missing, and close
+        everything (shielded, bounded by ``timeout_s``) when the block exits."""
+        async with open_asyncio_thread(close_timeout_s=timeout_s) as bridge:
+            store = cls(bridge, create_engine(url, pool_size=pool_size, timeout_s=timeout_s))
+            try:
+                if init_schema:
+                    await store.init_schema()
+                yield store
+            finally:
+                # Shielded: the pool's connections must be closed on their loop before it stops.
+                with trio.move_on_after(timeout_s, shield=True) as scope:
+                    try:
+                        await bridge.run(store._engine.dispose())
+                    except Exception:
+                        logger.exception("disposing of the database engine failed")
+                if scope.cancelled_caught:
+                    logger.warning("disposing of the database engine took over %.1f s", timeout_s)
+
+    async def init_schema(self) -> bool:
+        """Apply ``schema.sql`` if a table is missing; return whether it was applied."""
+        return await self._call(self._init_schema(_schema_statements()))
+
+    async def ping(self) -> None:
+        """Raise :class:`StoreUnavailable` unless the database answers ``SELECT 1``."""
+        await self._call(self._ping())
+
+    async def create_conversation(
+        self, *, title: str | None, model: str | None, system: str | None
+    ) -> Conversation:
+        return await self._call(self._create_conversation(title, model, system))
+
+    async def list_conversations(self, *, limit: int = 100) -> list[Conversation]:
+        """The newest ``limit`` conversations, newest first."""
+        if limit < 0:
+            raise ValueError("limit must not be negative")
+        return await self._call(self._list_conversations(limit))
+
+    async def get_conversation(self, conversation_id: str) -> Conversation | None:
+        cid = _parse_id(conversation_id)
+        if cid is None:
+            await trio.lowlevel.checkpoint()
+            return None
+        return await self._call(self._get_conversation(cid))
+
+    async def delete_conversation(self, conversation_id: str) -> bool:
+        """Delete a conversation and (by cascade) its messages; return whether it existed."""
+        cid = _parse_id(conversation_id)
+        if cid is None:
+            await trio.lowlevel.checkpoint()
+            return False
+        return await self._call(self._delete_conversation(cid))
+
+    async def list_messages(self, conversation_id: str) -> list[Message] | None:
+        """A conversation's messages in creation order; None if the conversation does not exist."""
+        cid = _parse_id(conversation_id)
+        if cid is None:
+            await trio.lowlevel.checkpoint()
+            return None
+        return await self._call(self._list_messages(cid))
+
+    async def get_message(self, message_id: str) -> Message | None:
+        mid = _parse_id(message_id)
+        if mid is None:
+            await trio.lowlevel.checkpoint()
+            return None
+        return await self._call(self._get_message(mid))
+
+    async def begin_turn(
+        self, conversation_id: str, *, content: str, model: str
+    ) -> TurnStart | None:
+        """In one transaction: read the history and insert the user message ('complete') and the
+        assistant message ('streaming', empty). None, and nothing written, if the conversation
+        does not exist."""
+        cid = _parse_id(conversation_id)
+        if cid is None:
+            await trio.lowlevel.checkpoint()
+            return None
+        return await self._call(self._begin_turn(cid, content, model))
+
+    async def finish_reply(
+        self,
+        message_id: str,
+        *,
+        content: str,
+        status: str,
+        stop_reason: str | None,
+        error: str | None = None,
+        usage: dict[str, Any] | None = None,
+    ) -> bool:
+        """Set an assistant message's final values in one UPDATE; return whether it existed.
+
+        Idempotent: a retry after :class:`StoreUnavailable` updates the same row again.
+        """
+        if status not in MESSAGE_STATUSES:
+            raise ValueError(f"unknown message status {status!r}")
+        mid = _parse_id(message_id)
+        if mid is None:
+            await trio.lowlevel.checkpoint()
+            return False
+        values = {
+            "content": content,
+            "status": status,
+            "stop_reason": stop_reason,
+            "error": error,
+            "usage": usage,
+        }
+        return await self._call(self._finish_reply(mid, values))
+
+    # -- The bridge and the error boundary ------------------------------------------------------
+
+    async def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run one coroutine on the loop: the one hop of a public method."""
+        try:
+            return await self._bridge.run(coro)
+        except BridgeClosed as error:
+            raise StoreError("the store is closed") from error
+        except Exception as error:
+            raise map_error(error) from error
+
+    # -- On the asyncio loop: one checkout, one transaction each ---------------------------------
+
+    async def _init_schema(self, statements: list[str]) -> bool:
+        async with self._writer.begin() as conn:
+            if self._postgresql:
+                await conn.execute(
+                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY}
+                )
+            if await conn.run_sync(_has_tables):
+                return False
+            for statement in statements:
+                await conn.exec_driver_sql(statement)
+        logger.info("applied the database schema")
+        return True
+
+    async def _ping(self) -> None:
+        async with self._engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    async def _create_conversation(
+        self, title: str | None, model: str | None, system: str | None
+    ) -> Conversation:
+        row = {
+            "id": str(uuid.uuid4()),
+            "title": title,
+            "model": model,
+            "system_prompt": system,
+            "created_at": _CLOCK.now(),
+        }
+        async with self._writer.begin() as conn:
+            await conn.execute(insert(conversations), row)
+        return _conversation(row)
+
+    async def _list_conversations(self, limit: int) -> list[Conversation]:
+        query = (
+            select(conversations)
+            .order_by(conversations.c.created_at.desc(), conversations.c.id.desc())
+            .limit(limit)
+        )
+        async with self._engine.begin() as conn:
+            rows = (await conn.execute(query)).mappings().all()
+        return [_conversation(row) for row in rows]
+
+    async def _get_conversation(self, cid: str) -> Conversation | None:
+        async with self._engine.begin() as conn:
+            row = await _select_conversation(conn, cid)
+        return None if row is None else _conversation(row)
+
+    async def _delete_conversation(self, cid: str) -> bool:
+        async with self._writer.begin() as conn:
+            result = await conn.execute(delete(conversations).where(conversations.c.id == cid))
+        return result.rowcount > 0
+
+    async def _list_messages(self, cid: str) -> list[Message] | None:
+        async with self._engine.begin() as conn:
+            if await _select_conversation(conn, cid) is None:
+                return None
+            rows = await conn.execute(
+                select(messages)
+                .where(messages.c.conversation_id == cid)
+                .order_by(messages.c.created_at, messages.c.id)
+            )
+            return [_message(row) for row in rows.mappings()]
+
+    async def _get_message(self, mid: str) -> Message | None:
+        async with self._engine.begin() as conn:
+            row = (await conn.execute(select(messages).where(messages.c.id == mid))).first()
+        return None if row is None else _message(row._mapping)
+
+    async def _begin_turn(self, cid: str, content: str, model: str) -> TurnStart | None:
+        async with self._writer.begin() as conn:
+            # FOR KEY SHARE (PostgreSQL): a concurrent delete waits for this turn to commit
+            # instead of failing its foreign key check.
+            conv = await _select_conversation(conn, cid, lock=True)
+            if conv is None:
+                return None
+            earlier = await conn.execute(
+                select(messages.c.role, messages.c.content)
+                .where(messages.c.conversation_id == cid, messages.c.content != "")
+                .order_by(messages.c.created_at, messages.c.id)
+            )
+            history = [{"role": role, "content": text_} for role, text_ in earlier]
+            user_at, assistant_at = _CLOCK.now(), _CLOCK.now()
+            rows = [
+                _new_message(cid, "user", content, "complete", None, user_at),
+                _new_message(cid, "assistant", "", "streaming", model, assistant_at),
+            ]
+            await conn.execute(insert(messages), rows)
+        conversation = _conversation(conv)
+        if conversation["system"]:
+            history.insert(0, {"role": "system", "content": conversation["system"]})
+        history.append({"role": "user", "content": content})
+        return TurnStart(conversation, _message(rows[0]), _message(rows[1]), history)
+
+    async def _finish_reply(self, mid: str, values: dict[str, Any]) -> bool:
+        statement = (
+            update(messages)
+            .where(messages.c.id == mid, messages.c.role == "assistant")
+            .values(**values, updated_at=_CLOCK.now())
+        )
+        async with self._writer.begin() as conn:
+            result = await conn.execute(statement)
+        return result.rowcount > 0
+
+
+def _has_tables(conn: Connection) -> bool:
+    inspector = inspect(conn)
+    return all(inspector.has_table(name) for name in TABLE_NAMES)
+
+
+# -- Rows -------------------------------------------------------------------------------------
+
+
+class _Clock:
+    """UTC timestamps, strictly increasing within the process: max(now, last + 1 µs)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last = datetime.min.replace(tzinfo=UTC)
+
+    def now(self) -> datetime:
+        with self._lock:
+            self._last = max(datetime.now(UTC), self._last + timedelta(microseconds=1))
+            return self._last
+
+
+_CLOCK: Final = _Clock()
+
+
+def _parse_id(value: str) -> str | None:
+    """The canonical form of a UUID string, or None if it is not one."""
+    try:
+        return str(uuid.UUID(value))
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
+async def _select_conversation(
+    conn: AsyncConnection, cid: str, *, lock: bool = False
+) -> Row[Any] | None:
+    query = select(conversations).where(conversations.c.id == cid)
+    if lock:
+        query = query.with_for_update(read=True, key_share=True)
+    return (await conn.execute(query)).first()
+
+
+def _new_message(
+    cid: str, role: str, content: str, status: str, model: str | None, at: datetime
+) -> dict[str, Any]:
+    return {
+        "id": str(uuid.uuid4()),
+        "conversation_id": cid,
+        "role": role,
+        "content": content,
+        "status": status,
+        "stop_reason": None,
+        "error": None,
+        "model": model,
+        "usage": None,
+        "created_at": at,
+        "updated_at": at,
+    }
+
+
+def _iso(value: datetime) -> str:
+    """ISO 8601 in UTC with microseconds; SQLite hands back naive datetimes, which are UTC."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def _conversation(row: Any) -> Conversation:
+    if isinstance(row, Row):
+        row = row._mapping
+    return Conversation(
+        id=str(row["id"]),
+        title=row["title"],
+        model=row["model"],
+        system=row["system_prompt"],
+        created_at=_iso(row["created_at"]),
+    )
+
+
+def _message(row: Any) -> Message:
+    return Message(
+        id=str(row["id"]),
+        conversation_id=str(row["conversation_id"]),
+        role=row["role"],
+        content=row["content"],
+        status=row["status"],
+        stop_reason=row["stop_reason"],
+        error=row["error"],
+        model=row["model"],
+        usage=row["usage"],
+        created_at=_iso(row["created_at"]),
+        updated_at=_iso(row["updated_at"]),
+    )

@@ -1,0 +1,560 @@
+"""Tests of the store (on SQLite and on a real PostgreSQL) and of its asyncio bridge.
+
+Rules: every store behaviour is checked on both databases (the ``database_url`` fixture);
+PostgreSQL is never skipped. Fault tests break the real thing (a terminated backend, a held
+SQLite lock, a closed port) rather than patching the store. Anything that could hang runs
+under ``trio.fail_after``; waits are on events, never on sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import gc
+import inspect
+import re
+import socket
+import sqlite3
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import trio
+from sqlalchemy import event, exc
+
+from chatsrv._aio import AsyncioThread, BridgeClosed, open_asyncio_thread
+from chatsrv._database import map_error
+from chatsrv._errors import StoreError, StoreUnavailable
+from chatsrv._store import Store
+from chatsrv._tables import schema_statements
+from tests.db import terminate_backend
+
+ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}\+00:00$")
+
+
+async def execute(store: Store, *statements: str) -> list[Any]:
+    """Run raw SQL through the store's own engine and bridge; the first column of each result."""
+
+    async def run() -> list[Any]:
+        results = []
+        async with store._engine.begin() as conn:
+            for statement in statements:
+                result = await conn.exec_driver_sql(statement)
+                results.append(result.scalar() if result.returns_rows else None)
+        return results
+
+    return await store._call(run())
+
+
+async def new_turn(store: Store, content: str = "hi", *, system: str | None = None) -> Any:
+    conversation = await store.create_conversation(title="t", model=None, system=system)
+    turn = await store.begin_turn(conversation["id"], content=content, model="m1")
+    assert turn is not None
+    return turn
+
+
+# -- Conversations --------------------------------------------------------------------------
+
+
+async def test_conversation_crud(store: Store) -> None:
+    created = [
+        await store.create_conversation(title=f"t{i}", model="m", system=None) for i in range(3)
+    ]
+    first = created[0]
+    assert uuid.UUID(first["id"]).version == 4
+    assert first == {
+        "id": first["id"],
+        "title": "t0",
+        "model": "m",
+        "system": None,
+        "created_at": first["created_at"],
+    }
+    assert ISO_UTC.match(first["created_at"])
+
+    assert await store.get_conversation(first["id"]) == first
+    assert await store.get_conversation(first["id"].upper()) == first  # any UUID spelling
+    assert await store.list_conversations() == created[::-1]  # newest first
+    assert await store.list_conversations(limit=2) == created[:0:-1]
+
+    assert await store.delete_conversation(first["id"]) is True
+    assert await store.get_conversation(first["id"]) is None
+    assert await store.delete_conversation(first["id"]) is False
+    assert await store.list_conversations() == created[:0:-1]
+
+
+async def test_delete_cascades_to_messages(store: Store) -> None:
+    turn = await new_turn(store)
+    cid = turn.conversation["id"]
+    assert await store.delete_conversation(cid) is True
+    assert await store.list_messages(cid) is None
+    assert await store.get_message(turn.user_message["id"]) is None
+    assert await execute(store, "SELECT count(*) FROM messages") == [0]
+
+
+@pytest.mark.parametrize("bad_id", ["not-a-uuid", "", "1234", str(uuid.uuid4())])
+async def test_unknown_and_invalid_ids_find_nothing(store: Store, bad_id: str) -> None:
+    assert await store.get_conversation(bad_id) is None
+    assert await store.delete_conversation(bad_id) is False
+    assert await store.list_messages(bad_id) is None
+    assert await store.get_message(bad_id) is None
+    assert await store.begin_turn(bad_id, content="hi", model="m") is None
+    assert (
+        await store.finish_reply(bad_id, content="x", status="complete", stop_reason=None) is False
+    )
+    assert await execute(store, "SELECT count(*) FROM messages") == [0]
+
+
+# -- Turns ----------------------------------------------------------------------------------
+
+
+async def test_begin_turn_and_finish_reply_round_trip(store: Store) -> None:
+    conversation = await store.create_conversation(title=None, model="m0", system="Be brief.")
+    cid = conversation["id"]
+    turn = await store.begin_turn(cid, content="first", model="m1")
+    assert turn is not None
+    assert turn.conversation == conversation
+    assert turn.history == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "first"},
+    ]
+    user, assistant = turn.user_message, turn.assistant_message
+    assert (user["role"], user["status"], user["content"], user["model"]) == (
+        "user",
+        "complete",
+        "first",
+        None,
+    )
+    assert (assistant["role"], assistant["status"], assistant["content"]) == (
+        "assistant",
+        "streaming",
+        "",
+    )
+    assert assistant["model"] == "m1" and assistant["stop_reason"] is None
+    # The assistant row exists (streaming) before any byte of the reply.
+    assert await store.get_message(assistant["id"]) == assistant
+    assert user["created_at"] < assistant["created_at"]
+
+    usage = {"prompt_tokens": 3, "completion_tokens": 2, "details": {"cached": [1, None, True]}}
+    assert await store.finish_reply(
+        assistant["id"], content="Hello.", status="complete", stop_reason="stop", usage=usage
+    )
+    finished = await store.get_message(assistant["id"])
+    assert finished is not None
+    assert finished["content"] == "Hello." and finished["status"] == "complete"
+    assert finished["stop_reason"] == "stop" and finished["error"] is None
+    assert finished["usage"] == usage
+    assert finished["created_at"] == assistant["created_at"]
+    assert finished["updated_at"] > assistant["updated_at"]
+
+    # A reply cut off with partial content counts as history; an empty one does not.
+    second = await store.begin_turn(cid, content="second", model="m1")
+    assert second is not None
+    await store.finish_reply(
+        second.assistant_message["id"],
+        content="Partial",
+        status="interrupted",
+        stop_reason=None,
+        error="client went away",
+    )
+    third = await store.begin_turn(cid, content="third", model="m2")
+    assert third is not None
+    await store.finish_reply(
+        third.assistant_message["id"], content="", status="failed", stop_reason=None, error="boom"
+    )
+    fourth = await store.begin_turn(cid, content="fourth", model="m2")
+    assert fourth is not None
+    assert fourth.history == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "second"},
+        {"role": "assistant", "content": "Partial"},
+        {"role": "user", "content": "third"},
+        {"role": "user", "content": "fourth"},
+    ]
+
+    listed = await store.list_messages(cid)
+    assert listed is not None
+    expected_ids = [
+        m["id"]
+        for t in (turn, second, third, fourth)
+        for m in (t.user_message, t.assistant_message)
+    ]
+    assert [m["id"] for m in listed] == expected_ids
+    assert [m["status"] for m in listed] == [
+        "complete", "complete", "complete", "interrupted",
+        "complete", "failed", "complete", "streaming",
+    ]  # fmt: skip
+    assert listed[3]["error"] == "client went away"
+    stamps = [m["created_at"] for m in listed]
+    assert stamps == sorted(stamps) and len(set(stamps)) == len(stamps)
+    assert all(ISO_UTC.match(m["created_at"]) and ISO_UTC.match(m["updated_at"]) for m in listed)
+    assert all(m["usage"] is None for m in listed if m["id"] != assistant["id"])
+
+
+async def test_finish_reply_is_idempotent(store: Store) -> None:
+    turn = await new_turn(store)
+    mid = turn.assistant_message["id"]
+    assert await store.finish_reply(mid, content="a", status="interrupted", stop_reason=None)
+    assert await store.finish_reply(
+        mid, content="ab", status="complete", stop_reason="stop", usage={"total_tokens": 2}
+    )
+    listed = await store.list_messages(turn.conversation["id"])
+    assert listed is not None and len(listed) == 2
+    assert listed[1]["id"] == mid
+    assert (listed[1]["content"], listed[1]["status"], listed[1]["stop_reason"]) == (
+        "ab",
+        "complete",
+        "stop",
+    )
+    assert listed[1]["usage"] == {"total_tokens": 2}
+
+
+async def test_finish_reply_touches_only_assistant_rows(store: Store) -> None:
+    turn = await new_turn(store)
+    user_id = turn.user_message["id"]
+    assert not await store.finish_reply(user_id, content="x", status="failed", stop_reason=None)
+    assert await store.get_message(user_id) == turn.user_message
+    with pytest.raises(ValueError, match="status"):
+        await store.finish_reply(user_id, content="x", status="done", stop_reason=None)
+
+
+# -- Schema ---------------------------------------------------------------------------------
+
+
+def test_schema_file_splits_into_plain_statements() -> None:
+    statements = schema_statements()
+    assert len(statements) == 5
+    assert all(";" not in s and "--" not in s for s in statements)
+    assert all(" IF NOT EXISTS " in s for s in statements)
+    assert "now()" not in " ".join(statements).lower()
+
+
+async def test_schema_applied_twice_is_a_no_op(store: Store) -> None:
+    cid = (await store.create_conversation(title="kept", model=None, system=None))["id"]
+    assert await store.init_schema() is False
+    await execute(store, *schema_statements())  # every statement is idempotent
+    assert (await store.get_conversation(cid)) is not None
+
+
+async def test_init_schema_on_an_empty_database_runs_once(database_url: str) -> None:
+    async with Store.open(database_url, init_schema=False) as a, Store.open(database_url) as b:
+        await execute(a, "DROP TABLE IF EXISTS messages", "DROP TABLE IF EXISTS conversations")
+        results: list[bool] = []
+
+        async def init(store: Store) -> None:
+            results.append(await store.init_schema())
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:  # two workers starting at once
+                nursery.start_soon(init, a)
+                nursery.start_soon(init, b)
+        assert sorted(results) == [False, True]
+        assert await a.init_schema() is False
+        await new_turn(b)
+
+
+async def test_ids_are_dashed_text_on_sqlite(tmp_path: Path) -> None:
+    path = tmp_path / "ids.db"
+    async with Store.open(f"sqlite:///{path}") as store:
+        turn = await new_turn(store)
+    with sqlite3.connect(path) as conn:
+        rows = conn.execute("SELECT typeof(id), id FROM messages").fetchall()
+        journal = conn.execute("PRAGMA journal_mode").fetchone()
+    conn.close()
+    expected = [("text", turn.user_message["id"]), ("text", turn.assistant_message["id"])]
+    assert sorted(rows) == sorted(expected)
+    assert journal == ("wal",)
+
+
+# -- Faults ---------------------------------------------------------------------------------
+
+
+async def test_terminated_backend_during_finish_reply(postgresql_url: str) -> None:
+    async with Store.open(postgresql_url) as store:
+        turn = await new_turn(store)
+        mid = turn.assistant_message["id"]
+        terminated: list[int] = []
+
+        def kill_before_update(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            if statement.lstrip().upper().startswith("UPDATE MESSAGES") and not terminated:
+                pid = conn.connection.driver_connection.get_server_pid()
+                terminated.append(pid)
+                terminate_backend(postgresql_url, pid)
+
+        event.listen(store._engine.sync_engine, "before_cursor_execute", kill_before_update)
+        with trio.fail_after(20):
+            with pytest.raises(StoreUnavailable) as raised:
+                await store.finish_reply(mid, content="partial", status="failed", stop_reason=None)
+            assert terminated
+            assert isinstance(raised.value.__cause__, exc.DBAPIError)
+            # The retry gets a fresh connection and writes the same row.
+            assert await store.finish_reply(
+                mid, content="done", status="complete", stop_reason="stop", usage={"n": 1}
+            )
+        event.remove(store._engine.sync_engine, "before_cursor_execute", kill_before_update)
+        listed = await store.list_messages(turn.conversation["id"])
+        assert listed is not None and [m["id"] for m in listed].count(mid) == 1
+        assert len(listed) == 2
+        assert (listed[1]["content"], listed[1]["status"], listed[1]["usage"]) == (
+            "done",
+            "complete",
+            {"n": 1},
+        )
+
+
+async def test_sqlite_lock_held_past_busy_timeout(tmp_path: Path) -> None:
+    path = tmp_path / "locked.db"
+    async with Store.open(f"sqlite+aiosqlite:///{path}", timeout_s=0.2) as store:
+        turn = await new_turn(store)
+        mid = turn.assistant_message["id"]
+        locker = sqlite3.connect(path, isolation_level=None)
+        try:
+            locker.execute("BEGIN EXCLUSIVE")
+            with trio.fail_after(10), pytest.raises(StoreUnavailable, match="locked"):
+                await store.finish_reply(mid, content="x", status="complete", stop_reason="stop")
+            # Readers are not blocked by a writer under WAL.
+            assert await store.get_message(mid) == turn.assistant_message
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        with trio.fail_after(10):
+            assert await store.finish_reply(mid, content="x", status="complete", stop_reason="stop")
+        finished = await store.get_message(mid)
+        assert finished is not None and finished["content"] == "x"
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+async def test_ping_unreachable_database_is_unavailable() -> None:
+    url = f"postgresql://postgres@127.0.0.1:{_closed_port()}/nowhere"
+    with trio.fail_after(20):
+        async with Store.open(url, init_schema=False, timeout_s=2) as store:
+            with pytest.raises(StoreUnavailable):
+                await store.ping()
+        with pytest.raises(StoreUnavailable):
+            async with Store.open(url, timeout_s=2):
+                pass  # applying the schema fails first
+
+
+async def test_ping(store: Store) -> None:
+    await store.ping()
+
+
+_STMT = "SELECT 1"
+
+
+def _with_cause(cause: BaseException) -> Exception:
+    orig = Exception("adapted driver error")
+    orig.__cause__ = cause
+    return orig
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (exc.InterfaceError(_STMT, None, Exception("the underlying connection is closed")), True),
+        (exc.OperationalError(_STMT, None, Exception("server closed the connection")), True),
+        (exc.DBAPIError(_STMT, None, Exception("x"), connection_invalidated=True), True),
+        (exc.DBAPIError(_STMT, None, _with_cause(asyncpg.AdminShutdownError("bye"))), True),
+        (exc.DBAPIError(_STMT, None, _with_cause(asyncpg.UndefinedTableError("no"))), False),
+        (exc.OperationalError(_STMT, None, sqlite3.OperationalError("database is locked")), True),
+        (exc.OperationalError(_STMT, None, sqlite3.OperationalError("no such table: x")), False),
+        (exc.IntegrityError(_STMT, None, sqlite3.IntegrityError("FOREIGN KEY failed")), False),
+        (exc.ProgrammingError(_STMT, None, Exception("syntax")), False),
+        (exc.TimeoutError("QueuePool limit reached"), True),
+        (OSError(111, "Connection refused"), True),
+        (ConnectionResetError(), True),
+        (TimeoutError(), True),
+        (asyncpg.ConnectionDoesNotExistError("closed mid-operation"), True),
+        (asyncpg.InterfaceError("connection is closed"), True),
+        (asyncpg.TooManyConnectionsError("too many"), True),
+        (asyncpg.UniqueViolationError("dup"), False),
+        (ValueError("bug"), False),
+    ],
+    ids=lambda value: type(value).__name__ if isinstance(value, BaseException) else str(value),
+)
+def test_error_mapping(error: Exception, expected: bool) -> None:
+    mapped = map_error(error)
+    assert isinstance(mapped, StoreError)
+    assert isinstance(mapped, StoreUnavailable) is expected
+
+
+# -- The bridge -----------------------------------------------------------------------------
+
+
+async def test_waiting_callers_hold_no_thread() -> None:
+    async with open_asyncio_thread() as bridge:
+        token = trio.lowlevel.current_trio_token()
+        callers = 100
+        started: list[None] = []
+        all_started = trio.Event()
+        gate: dict[str, asyncio.Event] = {}
+
+        async def wait_at_gate() -> int:
+            gate.setdefault("event", asyncio.Event())
+            started.append(None)
+            if len(started) == callers:
+                token.run_sync_soon(all_started.set)
+            await gate["event"].wait()
+            return 1
+
+        async def open_gate() -> None:
+            gate["event"].set()
+
+        limiter = trio.to_thread.current_default_thread_limiter()
+        limiter.total_tokens = 1
+        results: list[int] = []
+
+        async def call() -> None:
+            results.append(await bridge.run(wait_at_gate()))
+
+        threads_before = threading.active_count()
+        with trio.fail_after(10):
+            # Hold Trio's only worker thread: the bridge must not need one.
+            async with limiter, trio.open_nursery() as nursery:
+                for _ in range(callers):
+                    nursery.start_soon(call)
+                await all_started.wait()
+                assert threading.active_count() == threads_before
+                await bridge.run(open_gate())
+        assert results == [1] * callers
+
+
+async def test_store_calls_hold_no_thread(store: Store) -> None:
+    limiter = trio.to_thread.current_default_thread_limiter()
+    limiter.total_tokens = 1
+    with trio.fail_after(20):
+        async with limiter, trio.open_nursery() as nursery:
+            for i in range(20):
+                create = functools.partial(store.create_conversation, model=None, system=None)
+                nursery.start_soon(functools.partial(create, title=str(i)))
+    assert len(await store.list_conversations()) == 20
+
+
+async def test_slow_postgresql_calls_run_concurrently(postgresql_url: str) -> None:
+    async with Store.open(postgresql_url, pool_size=10) as store:
+        limiter = trio.to_thread.current_default_thread_limiter()
+        limiter.total_tokens = 1
+        # Ten 0.3 s sleeps take 3 s one after the other; concurrently, about 0.3 s.
+        with trio.fail_after(2):
+            async with limiter, trio.open_nursery() as nursery:
+                for _ in range(10):
+                    nursery.start_soon(execute, store, "SELECT pg_sleep(0.3)")
+
+
+async def test_cancelling_the_caller_cancels_the_asyncio_task_without_waiting() -> None:
+    async with open_asyncio_thread() as bridge:
+        token = trio.lowlevel.current_trio_token()
+        started = trio.Event()
+        seen: dict[str, Any] = {}
+
+        async def stubborn() -> None:
+            seen["release"], seen["unwound"] = asyncio.Event(), asyncio.Event()
+            token.run_sync_soon(started.set)
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                seen["cancelled"] = True
+                # Unwinds only once the Trio side has returned: the caller must not wait.
+                await seen["release"].wait()
+                seen["unwound"].set()
+                raise
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(bridge.run, stubborn())
+                await started.wait()
+                nursery.cancel_scope.cancel()
+            bridge.loop.call_soon_threadsafe(seen["release"].set)
+
+            async def unwound() -> bool:
+                await seen["unwound"].wait()
+                return bool(seen.get("cancelled"))
+
+            assert await bridge.run(unwound())
+
+
+async def test_cancelled_postgresql_query_leaves_the_store_usable(postgresql_url: str) -> None:
+    async with Store.open(postgresql_url, pool_size=1) as store:
+        with trio.move_on_after(0.2) as scope:
+            await execute(store, "SELECT pg_sleep(30)")
+        assert scope.cancelled_caught
+        with trio.fail_after(15):
+            await store.ping()
+            await new_turn(store)
+
+
+async def test_results_and_errors_cross_the_bridge() -> None:
+    async def answer() -> int:
+        await asyncio.sleep(0)
+        return 42
+
+    async def fail() -> None:
+        raise KeyError("on the loop")
+
+    with trio.fail_after(10):
+        async with open_asyncio_thread() as bridge:
+            assert await bridge.run(answer()) == 42
+            with pytest.raises(KeyError, match="on the loop"):
+                await bridge.run(fail())
+
+
+async def test_unsubmitted_coroutines_are_closed() -> None:
+    bridge = AsyncioThread()
+    coro = asyncio.sleep(0)
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await bridge.run(coro)
+    assert scope.cancelled_caught
+    assert inspect.getcoroutinestate(coro) == inspect.CORO_CLOSED
+
+    with trio.fail_after(10):
+        await bridge.aclose()
+    assert not bridge.thread.is_alive()
+    coro = asyncio.sleep(0)
+    with pytest.raises(BridgeClosed):
+        await bridge.run(coro)
+    assert inspect.getcoroutinestate(coro) == inspect.CORO_CLOSED
+    gc.collect()  # a leaked coroutine would warn "never awaited" here
+
+
+async def test_closing_the_bridge_fails_calls_in_flight() -> None:
+    async with open_asyncio_thread() as bridge:
+        token = trio.lowlevel.current_trio_token()
+        started = trio.Event()
+
+        async def forever() -> None:
+            token.run_sync_soon(started.set)
+            await asyncio.sleep(60)
+
+        async def call() -> None:
+            with pytest.raises(BridgeClosed):
+                await bridge.run(forever())
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(call)
+                await started.wait()
+                await bridge.aclose()
+
+
+async def test_close_stops_the_loop_thread(database_url: str) -> None:
+    with trio.fail_after(20):
+        async with Store.open(database_url) as store:
+            await store.ping()
+            thread = store._bridge.thread
+            assert thread.is_alive()
+        assert not thread.is_alive()
+        assert thread not in threading.enumerate()
+        with pytest.raises(StoreError, match="closed"):
+            await store.ping()
+    gc.collect()
