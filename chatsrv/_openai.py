@@ -1,0 +1,242 @@
+"""The ``openai`` provider: any OpenAI-compatible ``/chat/completions`` endpoint, streamed through
+the official SDK's raw response. This is the only module that imports openai or httpx2, and the
+one place where their exceptions become ``UpstreamError``.
+
+Hot path. The SDK's typed ``ChatCompletionChunk`` objects cost ~170-180 µs of CPU per token; the
+raw path (``with_streaming_response.create`` and ``iter_lines()`` parsed with orjson) ~22 µs. So
+the per-line loop reads SSE ``data:`` lines into plain dicts and does nothing else: no pydantic,
+no logging, no allocation beyond the parsed chunk.
+
+How each failure is mapped (``UpstreamError.code``)::
+
+    before the first byte, raised by the SDK:
+      openai.APIStatusError (4xx/5xx, after the SDK's retries)   upstream_status + status_code
+      openai.APIConnectionError, APITimeoutError                 upstream_connection
+      any other openai.OpenAIError                               upstream_protocol
+    while streaming, raised raw by httpx2 from iter_lines():
+      httpx2.TimeoutException (silent for llm_timeout_s)          upstream_connection
+      httpx2.NetworkError (reset), anyio and ssl errors beneath   upstream_connection
+      httpx2.RemoteProtocolError (the body was cut off), any
+        other httpx2.HTTPError or StreamError                     upstream_protocol
+    in the body:
+      a data line that is not a chunk                             upstream_protocol
+      an {"error": {...}} object                                  upstream_error
+      the body ends, or [DONE] comes, without a finish_reason     upstream_protocol
+
+A stream counts as finished properly at ``[DONE]`` after a ``finish_reason``, or at a clean end of
+the body after a ``finish_reason`` (some compatible servers omit ``[DONE]``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ssl
+from collections.abc import AsyncGenerator, Callable, Iterable
+from contextlib import aclosing
+from typing import TYPE_CHECKING, Any, cast
+
+import anyio
+import httpx2
+import openai
+import orjson
+import trio
+
+from chatsrv._errors import UpstreamError
+from chatsrv._provider import Completion, Prompt
+from chatsrv._settings import Settings
+
+if TYPE_CHECKING:
+    from openai.types.chat import ChatCompletionMessageParam
+
+# Local servers (vLLM, llama.cpp, Ollama) take no key, but the SDK insists on one.
+KEYLESS_PLACEHOLDER = "chatsrv-no-key"
+CONNECT_TIMEOUT_S = 10.0
+# An upstream's error message reaches the client in an SSE error event: keep it short.
+MAX_DETAIL_CHARS = 300
+# How long the end of a finished body (or of an abandoned one) may take to arrive.
+DRAIN_DEADLINE_S = 0.1
+
+# Raised raw by httpx2 (and, for TLS, by anyio/ssl beneath it) from iter_lines(): the SDK does not
+# wrap errors that happen after the response headers arrived. A body cut off mid-stream is a
+# RemoteProtocolError: a stream that ended early, so upstream_protocol (it is in HTTPError).
+_CONNECTION_ERRORS = (
+    httpx2.TimeoutException,
+    httpx2.NetworkError,
+    anyio.EndOfStream,
+    anyio.BrokenResourceError,
+    ssl.SSLError,
+)
+_PROTOCOL_ERRORS = (httpx2.HTTPError, httpx2.StreamError)
+# What a chunk of the wrong shape raises while it is picked apart.
+_SHAPE_ERRORS = (ValueError, TypeError, AttributeError, KeyError, IndexError)
+
+
+class OpenAIProvider:
+    """Streams chat completions from ``settings.llm_base_url`` (OpenAI's API when unset)."""
+
+    name = "openai"
+
+    def __init__(self, settings: Settings) -> None:
+        self._read_timeout_s = settings.llm_timeout_s
+        key = settings.llm_api_key.get_secret_value() if settings.llm_api_key else ""
+        self._client = openai.AsyncOpenAI(
+            base_url=settings.llm_base_url,
+            api_key=key or KEYLESS_PLACEHOLDER,
+            max_retries=settings.llm_max_retries,
+            # read: the longest silence between two chunks; write and pool share it.
+            timeout=openai.Timeout(settings.llm_timeout_s, connect=CONNECT_TIMEOUT_S),
+        )
+
+    async def aclose(self) -> None:
+        # Explicitly: the client's __del__ schedules its close only on asyncio.
+        await self._client.close()
+
+    async def generate(self, prompt: Prompt, emit: Callable[[str], None]) -> Completion:
+        messages = cast("Iterable[ChatCompletionMessageParam]", prompt.messages)
+        try:
+            # `async with` closes the HTTP response on every exit, trio.Cancelled included, so a
+            # cancelled turn drops the upstream connection instead of reading it to the end.
+            async with self._client.chat.completions.with_streaming_response.create(
+                model=prompt.model,
+                messages=messages,
+                stream=True,
+                stream_options={"include_usage": True},
+            ) as response:
+                lines = cast(AsyncGenerator[str, None], response.iter_lines())
+                async with aclosing(lines):
+                    try:
+                        completion = await _read_stream(lines, emit)
+                    except Exception:
+                        await _abandon(response, lines)
+                        raise
+                    await _drain(lines)
+                    return completion
+        except openai.APIStatusError as exc:
+            raise UpstreamError(
+                f"the upstream answered HTTP {exc.status_code}: {_detail(exc.body, exc.message)}",
+                code="upstream_status",
+                status_code=exc.status_code,
+            ) from exc
+        except openai.APITimeoutError as exc:
+            raise UpstreamError(
+                f"the upstream did not answer in time: {_cause(exc)}", code="upstream_connection"
+            ) from exc
+        except openai.APIConnectionError as exc:
+            raise UpstreamError(
+                f"cannot reach the upstream: {_cause(exc)}", code="upstream_connection"
+            ) from exc
+        except openai.OpenAIError as exc:
+            raise UpstreamError(f"the upstream failed: {exc}", code="upstream_protocol") from exc
+        except httpx2.TimeoutException as exc:
+            raise UpstreamError(
+                f"the upstream sent nothing for {self._read_timeout_s:g} s",
+                code="upstream_connection",
+            ) from exc
+        except _CONNECTION_ERRORS as exc:
+            raise UpstreamError(
+                f"the upstream connection broke mid-stream: {_describe(exc)}",
+                code="upstream_connection",
+            ) from exc
+        except _PROTOCOL_ERRORS as exc:
+            raise UpstreamError(
+                f"the upstream stream broke off or is malformed: {_describe(exc)}",
+                code="upstream_protocol",
+            ) from exc
+
+
+async def _read_stream(lines: AsyncGenerator[str, None], emit: Callable[[str], None]) -> Completion:
+    """Parse the SSE body; emit each content delta as soon as its line is parsed."""
+    finish_reason: str | None = None
+    usage: dict[str, Any] | None = None
+    loads = orjson.loads
+    async for line in lines:
+        # Only data lines matter: blank lines end events; comments (":"), event:, id: are skipped.
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            break
+        try:
+            chunk = loads(data)
+            error = chunk.get("error")
+            if error is not None:
+                raise _in_stream_error(error)
+            content = None
+            choices = chunk.get("choices")
+            if choices:  # the usage chunk has none
+                choice = choices[0]
+                delta = choice.get("delta")
+                if delta:
+                    content = delta.get("content")
+                    if content is not None and content.__class__ is not str:
+                        raise TypeError("delta.content is not a string")
+                reason = choice.get("finish_reason")
+                if reason:
+                    finish_reason = str(reason)
+            chunk_usage = chunk.get("usage")
+            if chunk_usage is not None:
+                usage = dict(chunk_usage)
+        except _SHAPE_ERRORS as exc:
+            raise UpstreamError(
+                f"the upstream sent a line that is not a chat completion chunk: {data[:80]!r}",
+                code="upstream_protocol",
+            ) from exc
+        if content:
+            emit(content)
+    else:
+        if finish_reason is None:
+            raise UpstreamError(
+                "the upstream stream ended before a finish_reason", code="upstream_protocol"
+            )
+    if finish_reason is None:
+        raise UpstreamError(
+            "the upstream sent [DONE] without a finish_reason", code="upstream_protocol"
+        )
+    return Completion(finish_reason=finish_reason, usage=usage)
+
+
+# Why the two functions below exist: httpx2 reads a body through a chain of nested async
+# generators, and closing the outermost one (``aclosing``) does not close those it iterates. Under
+# Trio an async generator left for the garbage collector is a ResourceWarning (an error in our
+# tests), so every way out of ``_read_stream`` runs the whole chain to its end. An exception
+# raised inside the chain (a read error, a timeout, trio.Cancelled) ends it by itself.
+
+
+async def _drain(lines: AsyncGenerator[str, None]) -> None:
+    """After [DONE]: read to the end of the body, so the connection goes back to the pool."""
+    # Like the SDK's own streams, give up quickly on an upstream that keeps the body open; the
+    # cancellation ends the chain, and the response is then closed instead of reused.
+    with trio.move_on_after(DRAIN_DEADLINE_S):
+        async for _ in lines:
+            pass
+
+
+async def _abandon(
+    response: openai.AsyncAPIResponse[Any], lines: AsyncGenerator[str, None]
+) -> None:
+    """We stop reading early: drop the connection, then let the chain fail on the closed socket."""
+    with trio.move_on_after(DRAIN_DEADLINE_S, shield=True):  # cleanup, even in a cancelled scope
+        await response.close()
+        with contextlib.suppress(*_CONNECTION_ERRORS, *_PROTOCOL_ERRORS):
+            async for _ in lines:
+                pass
+
+
+def _in_stream_error(error: object) -> UpstreamError:
+    return UpstreamError(f"the upstream reported an error: {_detail(error, str(error))}")
+
+
+def _detail(body: object, fallback: str) -> str:
+    """The ``message`` of an OpenAI-style error object, or ``fallback``, shortened."""
+    message = body.get("message") if isinstance(body, dict) else None
+    text = message if isinstance(message, str) and message else fallback
+    return text[:MAX_DETAIL_CHARS]
+
+
+def _cause(exc: BaseException) -> str:
+    """The transport error beneath an SDK connection error, which says more than the SDK does."""
+    return _describe(exc.__cause__) if exc.__cause__ is not None else _describe(exc)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:MAX_DETAIL_CHARS] if str(exc) else type(exc).__name__
