@@ -18,10 +18,10 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
 
-from .app import create_app
 from ._service import Service
 from ._settings import Settings
 from ._store import Store
+from .app import create_app
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -36,9 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     overrides = {
-        name: value
-        for name, value in (("host", getattr(args, "host", None)), ("port", getattr(args, "port", None)))
-        if value is not None
+        name: value for name in ("host", "port") if (value := getattr(args, name, None)) is not None
     }
     settings = Settings(**overrides)
     if args.command == "serve":

@@ -6,7 +6,7 @@ Who owns what::
     ────────────────────────────────      ─────────────────────────────────────────────────────
     start_turn() ── nursery.start ──────▶ turn task (_run)
                                             │ shielded, bounded: store.begin_turn()
-                                            │   user row + assistant row 'streaming', one transaction
+                                            │   user row + assistant row 'streaming', one commit
     ◀──────────── started(turn) ────────────┤
                                             ├── generation scope  (CancelScope, deadline)
     SSE body = relay(turn)                  │     provider.generate(emit=deltas.send_nowait)
@@ -288,7 +288,7 @@ class TurnEngine:
     async def _generate(
         self, turn: Turn, prompt: Prompt, deltas: trio.MemorySendChannel[str]
     ) -> None:
-        """Read the upstream into the channel and decide the outcome; the channel's owner closes it."""
+        """Read the upstream into the channel and decide how the turn ended."""
         try:
             with turn.generation_scope:
                 completion = await self._provider.generate(prompt, deltas.send_nowait)

@@ -86,6 +86,8 @@ class UpstreamError(ChatsrvError):
     code = "upstream_error"
     status = 502
 
-    def __init__(self, message: str, *, code: str = "upstream_error", status_code: int | None = None):
+    def __init__(
+        self, message: str, *, code: str = "upstream_error", status_code: int | None = None
+    ) -> None:
         super().__init__(message, code=code)
         self.status_code = status_code

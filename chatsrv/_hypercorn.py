@@ -39,6 +39,7 @@ def worker_shutdown_event() -> _EventLike | None:
 
 
 async def watch_worker_shutdown(event: _EventLike, on_shutdown: Callable[[], None]) -> None:
-    while not event.is_set():
+    # A multiprocessing event cannot wake a Trio task; polling it is what hypercorn does too.
+    while not event.is_set():  # noqa: ASYNC110
         await trio.sleep(_POLL_S)
     on_shutdown()

@@ -136,9 +136,7 @@ async def post_message(conversation_id: str) -> Response:
     service = _service()
     body = await _parse(NewMessage)
     if len(body.content) > service.settings.max_message_chars:
-        raise InvalidRequest(
-            f"content: at most {service.settings.max_message_chars} characters"
-        )
+        raise InvalidRequest(f"content: at most {service.settings.max_message_chars} characters")
     conversation = await service.store.get_conversation(conversation_id)
     if conversation is None:
         raise NotFound("conversation not found")

@@ -16,35 +16,37 @@ DEMO_MODEL = "chatsrv-demo"
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CHATSRV_", frozen=True, extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="CHATSRV_", frozen=True, extra="ignore", populate_by_name=True
+    )
 
     # Where to listen, for `chatsrv serve` (hypercorn's own config applies under `hypercorn`).
     host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    port: int = Field(default=8000, ge=0, le=65535)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     # The database: PostgreSQL (postgresql://, postgresql+asyncpg://) or SQLite (sqlite:///path).
     database_url: str = DEFAULT_DATABASE_URL
-    db_pool_size: int = Field(10, ge=1)
-    db_timeout_s: float = Field(10.0, gt=0)
+    db_pool_size: int = Field(default=10, ge=1)
+    db_timeout_s: float = Field(default=10.0, gt=0)
 
     # The upstream. "auto" picks "openai" when a base URL or an API key is set, else "demo".
     llm_provider: Literal["auto", "openai", "demo"] = "auto"
     llm_base_url: str | None = None
     llm_api_key: SecretStr | None = Field(
-        None, validation_alias=AliasChoices("CHATSRV_LLM_API_KEY", "OPENAI_API_KEY")
+        default=None, validation_alias=AliasChoices("CHATSRV_LLM_API_KEY", "OPENAI_API_KEY")
     )
     llm_model: str | None = None
-    llm_timeout_s: float = Field(60.0, gt=0)
-    llm_max_retries: int = Field(2, ge=0)
-    demo_token_interval_s: float = Field(0.05, ge=0)
+    llm_timeout_s: float = Field(default=60.0, gt=0)
+    llm_max_retries: int = Field(default=2, ge=0)
+    demo_token_interval_s: float = Field(default=0.05, ge=0)
 
     # Turns.
-    turn_deadline_s: float = Field(600.0, gt=0)
-    heartbeat_s: float = Field(15.0, gt=0)
-    shutdown_grace_s: float = Field(5.0, ge=0)
-    persist_grace_s: float = Field(10.0, gt=0)
-    max_message_chars: int = Field(100_000, ge=1)
+    turn_deadline_s: float = Field(default=600.0, gt=0)
+    heartbeat_s: float = Field(default=15.0, gt=0)
+    shutdown_grace_s: float = Field(default=5.0, ge=0)
+    persist_grace_s: float = Field(default=10.0, gt=0)
+    max_message_chars: int = Field(default=100_000, ge=1)
 
     @field_validator("database_url")
     @classmethod

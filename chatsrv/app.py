@@ -33,7 +33,7 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
     """Build the application. Settings come from the environment unless given."""
     settings = settings if settings is not None else Settings()
     _configure_logging(settings)
-    app = QuartTrio("chatsrv")
+    app = QuartTrio(__name__)
     app.config["MAX_CONTENT_LENGTH"] = _MAX_BODY_BYTES
     app.config["JSON_SORT_KEYS"] = False
     app.extensions["chatsrv.settings"] = settings

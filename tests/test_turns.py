@@ -3,12 +3,17 @@ keeps exactly what the client received (and anything after it), with the right f
 
 from __future__ import annotations
 
+import logging
+import sqlite3
+from functools import partial
 from typing import Any
 
 import pytest
 import trio
+from sqlalchemy import event
 
-from tests.server import Chatsrv, StartChatsrv
+from tests.db import terminate_backend
+from tests.server import Chatsrv, StartChatsrv, Stream
 
 TOKENS = [f"tok{i} " for i in range(40)]
 
@@ -148,3 +153,87 @@ async def test_drain_interrupts_running_turns_and_tells_their_clients(
         assert (row["status"], row["stop_reason"]) == ("interrupted", "server_shutdown")
         received = next(s.text for s in streams if s.start["conversation_id"] == conversation_id)
         assert row["content"].startswith(received) and received
+
+
+class _RetryLogged(logging.Handler):
+    """Sets ``event`` when the persister logs that it will retry its commit."""
+
+    def __init__(self, event: trio.Event) -> None:
+        super().__init__(logging.WARNING)
+        self.event = event
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "retrying" in record.getMessage():
+            self.event.set()
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_connection_killed_during_the_final_commit(
+    chatsrv: Chatsrv, upstream: Any, database_url: str
+) -> None:
+    upstream.script.tokens = TOKENS[:10]
+    conversation_id = await chatsrv.new_conversation()
+    terminated: list[int] = []
+
+    def kill_before_update(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.lstrip().upper().startswith("UPDATE MESSAGES") and not terminated:
+            pid = conn.connection.driver_connection.get_server_pid()
+            terminated.append(pid)
+            terminate_backend(database_url, pid)
+
+    engine = chatsrv.service.store._engine.sync_engine
+    event.listen(engine, "before_cursor_execute", kill_before_update)
+    try:
+        with trio.fail_after(20):
+            stream = await chatsrv.stream(conversation_id)
+    finally:
+        event.remove(engine, "before_cursor_execute", kill_before_update)
+
+    assert terminated, "the fault was not injected"
+    assert stream.done is not None and stream.done["status"] == "complete"
+    assert stream.errors == []
+    row = await assistant_row(chatsrv, conversation_id)
+    assert (row["status"], row["content"]) == ("complete", "".join(TOKENS[:10]))
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_database_locked_during_the_final_commit(
+    start_chatsrv: StartChatsrv, upstream: Any, database_url: str
+) -> None:
+    chatsrv = await start_chatsrv(db_timeout_s=0.2)
+    upstream.script.tokens = TOKENS[:3]
+    upstream.script.gated = True
+    conversation_id = await chatsrv.new_conversation()
+    path = database_url.split(":///", 1)[1]
+    retried = trio.Event()
+    handler = _RetryLogged(retried)
+    logging.getLogger("chatsrv").addHandler(handler)
+    stream = Stream(0)
+    locker = sqlite3.connect(path, isolation_level=None)
+    try:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                upstream.release(2)
+                received_two = trio.Event()
+
+                async def seen(received: int) -> None:
+                    if len(stream.text) == len("".join(TOKENS[:2])):
+                        received_two.set()
+
+                nursery.start_soon(
+                    partial(chatsrv.stream, conversation_id, on_delta=seen, into=stream)
+                )
+                await received_two.wait()
+                locker.execute("BEGIN EXCLUSIVE")
+                upstream.release(1)
+                await retried.wait()
+                # The commit has not happened, so the client has not been told it is done.
+                assert stream.done is None
+                locker.execute("ROLLBACK")
+    finally:
+        logging.getLogger("chatsrv").removeHandler(handler)
+        locker.close()
+
+    assert stream.done is not None and stream.done["status"] == "complete"
+    row = await assistant_row(chatsrv, conversation_id)
+    assert (row["status"], row["content"]) == ("complete", "".join(TOKENS[:3]))
