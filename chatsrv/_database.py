@@ -26,13 +26,18 @@ def create_engine(url: str, *, pool_size: int, timeout_s: float) -> AsyncEngine:
     """The async engine for ``url`` (plain postgresql:// and sqlite:// get the async driver)."""
     parsed = make_url(url)
     backend = parsed.get_backend_name()
+    # max_overflow=0: pool_size is a hard cap on connections. pre_ping: a connection the server
+    # dropped while idle in the pool is replaced at checkout instead of failing the next write.
+    pool: dict[str, Any] = {
+        "pool_size": pool_size,
+        "max_overflow": 0,
+        "pool_timeout": timeout_s,
+        "pool_pre_ping": True,
+    }
     if backend == "postgresql":
         engine = create_async_engine(
             parsed.set(drivername="postgresql+asyncpg"),
-            pool_size=pool_size,
-            max_overflow=0,
-            pool_timeout=timeout_s,
-            pool_pre_ping=True,
+            **pool,
             connect_args={
                 "timeout": timeout_s,
                 "command_timeout": timeout_s,
@@ -40,13 +45,7 @@ def create_engine(url: str, *, pool_size: int, timeout_s: float) -> AsyncEngine:
             },
         )
     elif backend == "sqlite":
-        engine = create_async_engine(
-            parsed.set(drivername="sqlite+aiosqlite"),
-            pool_size=pool_size,
-            max_overflow=0,
-            pool_timeout=timeout_s,
-            pool_pre_ping=True,
-        )
+        engine = create_async_engine(parsed.set(drivername="sqlite+aiosqlite"), **pool)
         configure_sqlite(engine, busy_timeout_ms=round(timeout_s * 1000))
     else:
         raise ValueError(f"unsupported database URL {parsed!r}: use postgresql:// or sqlite://")

@@ -25,8 +25,8 @@ from ._settings import Settings
 
 log = logging.getLogger("chatsrv")
 
-# The largest request body: a message of CHATSRV_MAX_MESSAGE_CHARS is checked separately.
-_MAX_BODY_BYTES = 4 * 1024 * 1024
+# Room in a request body for the JSON around the message (and a model name).
+_BODY_OVERHEAD_BYTES = 64 * 1024
 
 
 def create_app(settings: Settings | None = None) -> QuartTrio:
@@ -34,7 +34,9 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
     settings = settings if settings is not None else Settings()
     _configure_logging(settings)
     app = QuartTrio(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = _MAX_BODY_BYTES
+    # A body larger than the longest message could be (4 bytes a character, JSON-escaped text
+    # aside) is refused with 413 before it is read; the message's own limit is checked after.
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_message_chars * 4 + _BODY_OVERHEAD_BYTES
     app.config["JSON_SORT_KEYS"] = False
     app.extensions["chatsrv.settings"] = settings
     app.register_blueprint(api)

@@ -218,3 +218,15 @@ async def test_list_limit_is_validated(chatsrv: Chatsrv) -> None:
     listed = (await chatsrv.client.get("/v1/conversations", params={"limit": "1"})).json()
     assert [c["id"] for c in listed["conversations"]] == [second]
     assert first != second
+
+
+async def test_oversized_body_is_refused(start_chatsrv: Any) -> None:
+    chatsrv = await start_chatsrv(max_message_chars=1000)
+    conversation_id = await chatsrv.new_conversation()
+    response = await chatsrv.client.post(
+        f"/v1/conversations/{conversation_id}/messages",
+        content=b'{"content": "' + b"x" * (200 * 1024) + b'"}',
+        headers={"content-type": "application/json"},
+    )
+    assert_error(response, 413, "request_entity_too_large")
+    assert await chatsrv.messages(conversation_id) == []

@@ -237,3 +237,64 @@ async def test_database_locked_during_the_final_commit(
     assert stream.done is not None and stream.done["status"] == "complete"
     row = await assistant_row(chatsrv, conversation_id)
     assert (row["status"], row["content"]) == ("complete", "".join(TOKENS[:3]))
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_database_down_past_the_persist_grace_still_ends_the_stream(
+    start_chatsrv: StartChatsrv, upstream: Any, database_url: str
+) -> None:
+    chatsrv = await start_chatsrv(db_timeout_s=0.2, persist_grace_s=1.0)
+    upstream.script.tokens = TOKENS[:3]
+    upstream.script.gated = True
+    conversation_id = await chatsrv.new_conversation()
+    locker = sqlite3.connect(database_url.split(":///", 1)[1], isolation_level=None)
+    stream = Stream(0)
+    try:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                first = trio.Event()
+
+                async def seen(received: int) -> None:
+                    first.set()
+
+                upstream.release(1)
+                nursery.start_soon(
+                    partial(chatsrv.stream, conversation_id, on_delta=seen, into=stream)
+                )
+                await first.wait()
+                locker.execute("BEGIN EXCLUSIVE")
+                upstream.release(2)
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+
+    # The persister's shield has a deadline: the client is told the reply could not be saved
+    # and the stream still ends, instead of hanging on a database that does not answer.
+    assert [error["code"] for error in stream.errors] == ["storage_unavailable"]
+    assert stream.done is not None and stream.done["status"] == "complete"
+    assert stream.text == "".join(TOKENS[:3])
+
+
+async def test_no_database_write_per_token(chatsrv: Chatsrv, upstream: Any) -> None:
+    conversation_id = await chatsrv.new_conversation()
+    statements: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(statement.lstrip().split(None, 1)[0].upper())
+
+    engine = chatsrv.service.store._engine.sync_engine
+    per_turn = []
+    for tokens in (TOKENS[:2], TOKENS[:40]):
+        upstream.script.tokens = tokens
+        event.listen(engine, "before_cursor_execute", record)
+        try:
+            stream = await chatsrv.stream(conversation_id)
+        finally:
+            event.remove(engine, "before_cursor_execute", record)
+        assert stream.text == "".join(tokens)
+        per_turn.append([s for s in statements if s in ("INSERT", "UPDATE", "DELETE")])
+        statements.clear()
+
+    # One INSERT of the user and assistant rows at the start, one UPDATE at the end, however
+    # long the reply.
+    assert per_turn[0] == per_turn[1] == ["INSERT", "UPDATE"]
