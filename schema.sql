@@ -15,7 +15,7 @@ CREATE TABLE IF NOT EXISTS conversations (
 );
 
 -- One row per message. An assistant row is inserted as 'streaming' before the first byte of its
--- reply is sent, and updated once to its final status.
+-- reply is sent, checkpointed while it streams, and updated once to its final status.
 CREATE TABLE IF NOT EXISTS messages (
     id UUID PRIMARY KEY,
     conversation_id UUID NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
@@ -29,16 +29,28 @@ CREATE TABLE IF NOT EXISTS messages (
     model TEXT NULL,
     usage JSONB NULL,
     created_at TIMESTAMPTZ NOT NULL,
-    updated_at TIMESTAMPTZ NOT NULL
+    updated_at TIMESTAMPTZ NOT NULL,
+    -- An assistant row: the user message it answers.
+    parent_id UUID NULL,
+    -- An assistant row: the Idempotency-Key of the request that started it (cleared after 24 h).
+    idempotency_key TEXT NULL,
+    -- While 'streaming': the process writing it, and until when its lease holds. A sweeper
+    -- marks rows whose lease expired (their process died) 'interrupted'/'server_crash'.
+    owner TEXT NULL,
+    lease_expires_at TIMESTAMPTZ NULL
 );
 
 -- A conversation's messages in creation order.
 CREATE INDEX IF NOT EXISTS messages_conversation_order
     ON messages (conversation_id, created_at, id);
 
--- Replies still streaming (or left so by a crash): few rows, found without a scan.
+-- Replies still streaming (or left so by a crash): few rows, found by lease without a scan.
 CREATE INDEX IF NOT EXISTS messages_streaming
-    ON messages (status) WHERE status = 'streaming';
+    ON messages (lease_expires_at) WHERE status = 'streaming';
+
+-- One turn per Idempotency-Key in a conversation.
+CREATE UNIQUE INDEX IF NOT EXISTS messages_idempotency
+    ON messages (conversation_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
 
 -- Newest conversations first.
 CREATE INDEX IF NOT EXISTS conversations_created

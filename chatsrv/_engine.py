@@ -15,17 +15,18 @@ Who owns what::
        is waiting, never touches            │
        the database)                        └── persister     (CancelScope(shield=True))
             ▲                                      appends each delta to turn.chunks ───▶ relays
-            └──────────── turn changed ────────────  channel closed ⇒ the generation has ended:
-                                                      deadline = now + persist_grace_s, then
-                                                      store.finish_reply(): ONE UPDATE by id,
-                                                      retried on transient errors; then
-                                                      turn.finished ⇒ relays send `done`
+            │                                      every checkpoint interval: one UPDATE
+            │                                      channel closed ⇒ the generation has ended:
+            │                                        ONE final UPDATE by id, retried within a
+            │                                        deadline, else the local journal (fsync)
+            └──────────── turn changed ────────────  then turn.finished ⇒ relays send `done`
 
 Why the shield is where it is: the persister must outlive every way the turn can end. A client
 disconnect, the deadline and an explicit stop cancel only the generation scope; shutdown cancels
 the whole service nursery. The persister alone is shielded, so it always sees the channel close
-and always makes the final commit. Its shield gets a deadline the moment the channel closes, so a
-dead database can delay shutdown by at most ``persist_grace_s``, never hang it.
+and always saves the reply. Everything it does after the channel closes is bounded (the commit's
+retries, then the journal), so a dead database delays shutdown by at most
+``CHATSRV_PERSIST_GRACE_S`` plus one fsync, never hangs it. ``_persister.py`` has the details.
 
 The relays read only what the persister already holds, so whatever reached a client is a prefix of
 what is stored, and they send ``done`` only after the final commit. Persistence never waits on a
@@ -45,122 +46,20 @@ How each final status arises, in ``_generate``:
 
 from __future__ import annotations
 
-import enum
 import logging
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
-import tenacity
 import trio
 
-from ._errors import NotFound, ServiceUnavailable, StoreUnavailable, UpstreamError
+from ._errors import ExistingTurn, NotFound, ServiceUnavailable, StoreUnavailable, UpstreamError
+from ._persister import Persister
 from ._provider import Prompt, Provider
 from ._settings import Settings
 from ._store import Store
+from ._turn import Outcome, Status, StopReason, Turn
 
 log = logging.getLogger("chatsrv.engine")
-
-
-class Status(enum.StrEnum):
-    STREAMING = "streaming"
-    COMPLETE = "complete"
-    INTERRUPTED = "interrupted"
-    TIMED_OUT = "timed_out"
-    FAILED = "failed"
-    CANCELLED = "cancelled"  # reserved for an explicit stop by the client
-
-
-class StopReason(enum.StrEnum):
-    CLIENT_DISCONNECTED = "client_disconnected"
-    SERVER_SHUTDOWN = "server_shutdown"
-    DEADLINE = "deadline"
-    UPSTREAM_ERROR = "upstream_error"
-    INTERNAL_ERROR = "internal_error"
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """How a turn ended, as it is stored and as the client's ``done`` event reports it."""
-
-    status: Status
-    stop_reason: str
-    error_code: str | None = None
-    error: str | None = None
-    usage: dict[str, Any] | None = None
-
-
-class Turn:
-    """One assistant reply: its ids, the content the persister holds, and how it ended.
-
-    Written only by its turn task; read by any number of relays.
-    """
-
-    def __init__(
-        self,
-        *,
-        conversation_id: str,
-        user_message_id: str,
-        message_id: str,
-        model: str,
-        deadline: float,
-        on_orphaned: Callable[[Turn], None],
-    ) -> None:
-        self.conversation_id = conversation_id
-        self.user_message_id = user_message_id
-        self.message_id = message_id
-        self.model = model
-        # The reply as the persister received it. Relays keep an index into it.
-        self.chunks: list[str] = []
-        self.outcome: Outcome | None = None
-        # False when the final commit could not be made within the persister's grace.
-        self.persisted = False
-        self.finished = trio.Event()
-        self.generation_scope = trio.CancelScope(deadline=deadline)
-        self._stop_reason: str | None = None
-        self._changed = trio.Event()
-        self._relays = 0
-        self._on_orphaned = on_orphaned
-
-    @property
-    def content(self) -> str:
-        return "".join(self.chunks)
-
-    def stop(self, reason: str) -> None:
-        """End the generation early; the reply so far is kept as ``interrupted``/``reason``."""
-        if self._stop_reason is None and not self.generation_scope.cancel_called:
-            self._stop_reason = reason
-        self.generation_scope.cancel(reason=reason)
-
-    # -- the persister's side --------------------------------------------------------------
-
-    def _append(self, text: str) -> None:
-        self.chunks.append(text)
-        self._notify()
-
-    def _finish(self) -> None:
-        self.finished.set()
-        self._notify()
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-
-    # -- the relays' side ------------------------------------------------------------------
-
-    async def wait_changed(self) -> None:
-        """Wait until a chunk is appended or the turn finishes."""
-        await self._changed.wait()
-
-    def attach(self) -> None:
-        self._relays += 1
-
-    def detach(self) -> None:
-        """A relay is gone. When the last one leaves an unfinished turn, nobody is listening."""
-        self._relays -= 1
-        if self._relays == 0 and not self.finished.is_set():
-            self._on_orphaned(self)
 
 
 @dataclass(frozen=True)
@@ -168,36 +67,33 @@ class TurnRequest:
     conversation_id: str
     content: str
     model: str
+    idempotency_key: str | None = None
 
 
 class TurnEngine:
     """Starts turns in its service nursery and drains them at shutdown.
 
     ``serve`` owns the nursery: run it in a task (``await nursery.start(engine.serve)``). It
-    returns once ``drain()`` was called and every turn has ended and committed — at the latest
-    ``shutdown_grace_s`` after ``drain()``, plus the persisters' own grace — or, if its task is
-    cancelled, as soon as every persister has committed.
+    returns once ``drain()`` was called and every turn has ended and been saved — at the latest
+    ``shutdown_grace_s`` after ``drain()``, plus the persisters' own bounded time — or, if its
+    task is cancelled, as soon as every persister is done. ``owner`` names this process in the
+    leases of the rows it streams.
     """
 
-    def __init__(self, store: Store, provider: Provider, settings: Settings) -> None:
+    def __init__(
+        self, store: Store, provider: Provider, persister: Persister, settings: Settings, owner: str
+    ) -> None:
         self._store = store
         self._provider = provider
+        self._persister = persister
         self._settings = settings
+        self.owner = owner
         self._turns: dict[str, Turn] = {}
         self._nursery: trio.Nursery | None = None
         self._drain_requested = trio.Event()
         self._idle = trio.Event()
         self._stopping = False  # set when the grace period is over: every turn is being stopped
         self.drained = trio.Event()
-        # How the persister retries its final commit. No stop condition: the persister's
-        # shield deadline bounds the retries.
-        self._retrying = tenacity.AsyncRetrying(
-            retry=tenacity.retry_if_exception_type(StoreUnavailable),
-            wait=tenacity.wait_exponential_jitter(multiplier=0.05, max=2.0, jitter=0.1),
-            sleep=trio.sleep,
-            before_sleep=_log_retry,
-            reraise=True,
-        )
 
     @property
     def accepting(self) -> bool:
@@ -221,8 +117,10 @@ class TurnEngine:
                             await self._idle.wait()
                 finally:
                     # Grace is over, or this task was cancelled: stop what still runs. Each
-                    # persister then commits what its turn produced, inside its own shield.
+                    # persister then saves what its turn produced, inside its own shield, and
+                    # quickly: a shutdown does not wait out the full retry budget.
                     self._stopping = True
+                    self._persister.hurry()
                     for turn in list(self._turns.values()):
                         turn.stop(StopReason.SERVER_SHUTDOWN)
         finally:
@@ -235,8 +133,9 @@ class TurnEngine:
     async def start_turn(self, request: TurnRequest) -> Turn:
         """Insert the user and assistant rows and start the turn; return it once it runs.
 
-        Raises NotFound for an unknown conversation (nothing written), ServiceUnavailable when
-        draining, StoreUnavailable when the database cannot take the turn.
+        Raises NotFound for an unknown conversation (nothing written), ExistingTurn when the
+        request's Idempotency-Key names a turn already started, ServiceUnavailable when draining,
+        StoreUnavailable when the database cannot take the turn.
         """
         if self._nursery is None or not self.accepting:
             raise ServiceUnavailable("the server is shutting down; retry on another instance")
@@ -251,12 +150,19 @@ class TurnEngine:
         # it is bounded because a shield without a deadline could hang shutdown.
         with trio.move_on_after(self._settings.db_timeout_s, shield=True) as starting:
             begun = await self._store.begin_turn(
-                request.conversation_id, content=request.content, model=request.model
+                request.conversation_id,
+                content=request.content,
+                model=request.model,
+                owner=self.owner,
+                lease_s=self._settings.lease_s,
+                idempotency_key=request.idempotency_key,
             )
         if starting.cancelled_caught:
             raise StoreUnavailable("the database did not start the turn in time")
         if begun is None:
             raise NotFound("conversation not found")
+        if begun.existing:
+            raise ExistingTurn(begun.user_message, begun.assistant_message)
 
         turn = Turn(
             conversation_id=request.conversation_id,
@@ -277,7 +183,7 @@ class TurnEngine:
         deltas_tx, deltas_rx = trio.open_memory_channel[str](math.inf)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._persist, turn, deltas_rx)
+                nursery.start_soon(self._persister.run, turn, deltas_rx)
                 with deltas_tx:
                     await self._generate(turn, prompt, deltas_tx)
         finally:
@@ -300,7 +206,7 @@ class TurnEngine:
         except trio.Cancelled:
             # Not our scope: the service nursery is being cancelled, the server is going down.
             turn.outcome = Outcome(
-                Status.INTERRUPTED, turn._stop_reason or StopReason.SERVER_SHUTDOWN
+                Status.INTERRUPTED, turn.stop_reason or StopReason.SERVER_SHUTDOWN
             )
             raise
         except Exception as exc:
@@ -314,71 +220,13 @@ class TurnEngine:
             turn.outcome = Outcome(
                 Status.COMPLETE, completion.finish_reason, usage=completion.usage
             )
-        elif turn._stop_reason is not None:
-            turn.outcome = Outcome(Status.INTERRUPTED, turn._stop_reason)
+        elif turn.stop_reason is not None:
+            turn.outcome = Outcome(Status.INTERRUPTED, turn.stop_reason)
         else:
             turn.outcome = Outcome(Status.TIMED_OUT, StopReason.DEADLINE)
-
-    async def _persist(self, turn: Turn, deltas: trio.MemoryReceiveChannel[str]) -> None:
-        """Hold the reply as it arrives; when the channel closes, commit it with its outcome."""
-        try:
-            with trio.CancelScope(shield=True) as shield:
-                with deltas:
-                    async for text in deltas:
-                        turn._append(text)
-                shield.deadline = trio.current_time() + self._settings.persist_grace_s
-                await self._commit(turn)
-            if shield.cancelled_caught:
-                log.error(
-                    "turn %s: no final commit within %.1f s; %d characters unsaved",
-                    turn.message_id,
-                    self._settings.persist_grace_s,
-                    sum(map(len, turn.chunks)),
-                )
-        except Exception:
-            # An error boundary: one turn that cannot be saved never takes the service down.
-            log.exception("turn %s: the final commit failed", turn.message_id)
-        finally:
-            turn._finish()
-
-    async def _commit(self, turn: Turn) -> None:
-        outcome = turn.outcome
-        if outcome is None:  # every path of _generate sets it; this is a last line of defence
-            outcome = Outcome(Status.FAILED, StopReason.INTERNAL_ERROR, "internal_error")
-            turn.outcome = outcome
-        content = turn.content
-        async for attempt in self._retrying.copy():
-            with attempt:
-                found = await self._store.finish_reply(
-                    turn.message_id,
-                    content=content,
-                    status=outcome.status,
-                    stop_reason=outcome.stop_reason,
-                    error=outcome.error,
-                    usage=outcome.usage,
-                )
-        turn.persisted = True
-        if not found:
-            log.info("turn %s: its conversation was deleted while it ran", turn.message_id)
-        log.info(
-            "turn %s conversation %s: %s/%s, %d characters",
-            turn.message_id,
-            turn.conversation_id,
-            outcome.status,
-            outcome.stop_reason,
-            len(content),
-        )
 
     def _orphaned(self, turn: Turn) -> None:
         # While draining, a connection that goes away was most likely closed by the server's
         # own graceful timeout; either way the turn ends because of the shutdown.
         draining = self._drain_requested.is_set()
         turn.stop(StopReason.SERVER_SHUTDOWN if draining else StopReason.CLIENT_DISCONNECTED)
-
-
-def _log_retry(state: tenacity.RetryCallState) -> None:
-    log.warning(
-        "the database is unavailable (attempt %d): %s; retrying",
-        state.attempt_number,
-        state.outcome.exception() if state.outcome else None,
-    )

@@ -8,6 +8,7 @@ or the provider ever sees a foreign exception type::
     ├── RequestError            a client's mistake: an HTTP 4xx with a JSON body, nothing written
     │   ├── InvalidRequest      400 malformed JSON, 422 a body that does not validate
     │   └── NotFound            404 unknown conversation, message or route
+    │   └── ExistingTurn        409 an Idempotency-Key names a turn already started
     ├── ServiceUnavailable      503 the server is draining and starts no new turn
     ├── StoreError              the database failed; a turn's persister gives up on it
     │   └── StoreUnavailable    transient (connection lost or refused, locked, timed out): retry
@@ -18,6 +19,9 @@ Before the SSE headers are sent an error is an HTTP status with the body
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 
 class ChatsrvError(Exception):
@@ -54,6 +58,24 @@ class InvalidRequest(RequestError):
 class NotFound(RequestError):
     code = "not_found"
     status = 404
+
+
+class ExistingTurn(RequestError):
+    """The request's Idempotency-Key names a turn that already exists. While that turn runs this
+    is a 409; once it has finished the route replays it instead."""
+
+    code = "turn_in_progress"
+    status = 409
+
+    def __init__(self, user_message: Mapping[str, Any], assistant_message: Mapping[str, Any]):
+        super().__init__("a turn with this Idempotency-Key is still running")
+        self.user_message = user_message
+        self.assistant_message = assistant_message
+
+    def to_json(self) -> dict[str, dict[str, str]]:
+        body = super().to_json()
+        body["error"]["message_id"] = str(self.assistant_message["id"])
+        return body
 
 
 class ServiceUnavailable(ChatsrvError):

@@ -24,13 +24,13 @@ When the client goes away the generator is cancelled (or closed) wherever it is 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import orjson
 import trio
 
-from ._engine import Turn
+from ._turn import Turn
 
 PING = b": ping\n\n"
 
@@ -80,6 +80,33 @@ def closing_events(turn: Turn) -> bytes:
     }
     if outcome.usage is not None:
         done["usage"] = outcome.usage
+    return events + _event("done", done)
+
+
+def replayed(user_message: Mapping[str, Any], message: Mapping[str, Any]) -> bytes:
+    """The events of a finished turn, rebuilt from its stored messages: what an idempotent retry
+    receives. The reply comes as one delta."""
+    events = _event(
+        "start",
+        {
+            "message_id": message["id"],
+            "user_message_id": user_message["id"],
+            "conversation_id": message["conversation_id"],
+        },
+    )
+    content = message["content"]
+    if content:
+        events += delta_event(content, len(content))
+    if message["status"] == "failed":
+        error = {"code": message["stop_reason"], "message": message["error"] or ""}
+        events += _event("error", {"error": error})
+    done: dict[str, Any] = {
+        "message_id": message["id"],
+        "status": message["status"],
+        "stop_reason": message["stop_reason"],
+    }
+    if message["usage"] is not None:
+        done["usage"] = message["usage"]
     return events + _event("done", done)
 
 

@@ -5,18 +5,23 @@ A request that fails validation is answered before anything is written.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
 import orjson
+import trio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from quart import Blueprint, Response, current_app, request
 
 from ._engine import TurnRequest
-from ._errors import InvalidRequest, NotFound
-from ._relay import relay
+from ._errors import ExistingTurn, InvalidRequest, NotFound, StoreError
+from ._relay import relay, replayed
 from ._service import Service
 
 api = Blueprint("api", __name__)
+
+# How long a readiness probe waits for the database.
+_READINESS_PING_S = 2.0
 
 SSE_HEADERS = {
     "Cache-Control": "no-cache",
@@ -87,7 +92,30 @@ def _json(body: Any, status: int = 200) -> Response:
 
 @api.get("/healthz")
 async def healthz() -> Response:
+    """The process is up and serving HTTP."""
     return _json({"status": "ok"})
+
+
+@api.get("/readyz")
+async def readyz() -> Response:
+    """Ready to take turns: not draining, the database answers, the journal is empty."""
+    service = _service()
+    problems = []
+    if not service.engine.accepting:
+        problems.append("the server is draining")
+    try:
+        with trio.fail_after(_READINESS_PING_S):
+            await service.store.ping()
+    except (StoreError, trio.TooSlowError):
+        problems.append("the database does not answer")
+    if service.journal.holds_records():
+        problems.append("the local journal holds replies not yet written to the database")
+    if problems:
+        body = {"error": {"code": "not_ready", "message": "; ".join(problems)}}
+        response = _json(body, 503)
+        response.headers["Retry-After"] = "5"
+        return response
+    return _json({"status": "ready"})
 
 
 @api.post("/v1/conversations")
@@ -141,14 +169,35 @@ async def post_message(conversation_id: str) -> Response:
     if conversation is None:
         raise NotFound("conversation not found")
     model = body.model or conversation["model"] or service.settings.model
-    turn = await service.engine.start_turn(
-        TurnRequest(conversation_id=conversation_id, content=body.content, model=model)
-    )
+    key = _idempotency_key()
+    try:
+        turn = await service.engine.start_turn(
+            TurnRequest(conversation_id, body.content, model, idempotency_key=key)
+        )
+    except ExistingTurn as existing:
+        if existing.user_message["content"] != body.content:
+            raise InvalidRequest(
+                "Idempotency-Key: already used for a different message in this conversation",
+                code="idempotency_key_reused",
+            ) from None
+        if existing.assistant_message["status"] == "streaming":
+            raise
+        return _event_stream(replayed(existing.user_message, existing.assistant_message))
+    return _event_stream(relay(turn, heartbeat_s=service.settings.heartbeat_s))
+
+
+def _idempotency_key() -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not (0 < len(key) <= 255 and key.isprintable()):
+        raise InvalidRequest(
+            "Idempotency-Key: 1 to 255 printable characters", code="invalid_header", status=400
+        )
+    return key
+
+
+def _event_stream(body: AsyncIterator[bytes] | bytes) -> Response:
     response = Response(
-        relay(turn, heartbeat_s=service.settings.heartbeat_s),
-        status=200,
-        headers=SSE_HEADERS,
-        content_type="text/event-stream; charset=utf-8",
+        body, status=200, headers=SSE_HEADERS, content_type="text/event-stream; charset=utf-8"
     )
     # Quart's RESPONSE_TIMEOUT (60 s) would cut long replies; the turn's deadline applies instead.
     response.timeout = None

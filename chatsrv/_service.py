@@ -1,19 +1,26 @@
-"""The process-wide service: the store, the provider and the turn engine, opened and closed in
-the order that keeps every reply.
+"""The process-wide service: the store, the journal, the provider, the turn engine and the
+recovery tasks, opened and closed in the order that keeps every reply.
 
 Shutdown order, made structural by nesting: the engine stops taking turns and drains them (every
-persister commits); only then does the provider close, then the store (which disposes the engine
-and stops its asyncio loop thread). The engine may drain early — when the server starts shutting
-down — while the store stays open for the requests still being answered, until ``stop()``.
+persister commits or journals its reply); then the recovery tasks stop; then the provider, the
+journal and the store close (the store disposes of its engine and stops its asyncio loop
+thread). The engine may drain early — when the server starts shutting down — while the store stays
+open for the requests still being answered, until ``stop()``.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from functools import partial
 
 import trio
 
+from . import _recovery as recovery
 from ._engine import TurnEngine
+from ._journal import Journal
+from ._persister import Persister
 from ._provider import open_provider
 from ._settings import Settings
 from ._store import Store
@@ -23,13 +30,14 @@ from ._store import Store
 class Service:
     settings: Settings
     store: Store
+    journal: Journal
     engine: TurnEngine
     # Set when everything is closed: the engine drained, the provider and the store closed.
     closed: trio.Event = field(default_factory=trio.Event)
     _stop: trio.Event = field(default_factory=trio.Event)
 
     def stop(self) -> None:
-        """Drain the engine, then close the provider and the store."""
+        """Drain the engine, then close everything else."""
         self.engine.drain()
         self._stop.set()
 
@@ -38,8 +46,9 @@ async def run_service(
     settings: Settings, *, task_status: trio.TaskStatus[Service] = trio.TASK_STATUS_IGNORED
 ) -> None:
     """Run until ``service.stop()`` or until this task is cancelled (then every running turn is
-    stopped and committed before the store closes)."""
+    stopped and saved before the store closes)."""
     service: Service | None = None
+    instance_id = recovery.new_instance_id()
     try:
         async with (
             Store.open(
@@ -47,14 +56,37 @@ async def run_service(
                 pool_size=settings.db_pool_size,
                 timeout_s=settings.db_timeout_s,
             ) as store,
+            _open_journal(settings, instance_id) as journal,
             open_provider(settings) as provider,
         ):
-            engine = TurnEngine(store, provider, settings)
-            service = Service(settings, store, engine)
+            persister = Persister(store, journal, settings, owner=instance_id)
+            engine = TurnEngine(store, provider, persister, settings, owner=instance_id)
+            service = Service(settings, store, journal, engine)
             async with trio.open_nursery() as nursery:
                 await nursery.start(engine.serve)
+                every = settings.sweep_interval_s
+                nursery.start_soon(
+                    partial(recovery.keep_leases, store, instance_id, lease_s=settings.lease_s)
+                )
+                nursery.start_soon(partial(recovery.sweep_forever, store, interval_s=every))
+                nursery.start_soon(
+                    partial(recovery.replay_forever, journal, store, interval_s=every)
+                )
                 task_status.started(service)
                 await service._stop.wait()
+                await engine.drained.wait()
+                nursery.cancel_scope.cancel(reason="the service is stopping")
     finally:
         if service is not None:
             service.closed.set()
+
+
+@contextlib.asynccontextmanager
+async def _open_journal(settings: Settings, instance_id: str) -> AsyncIterator[Journal]:
+    journal = Journal(settings.journal_dir, instance_id)
+    await journal.open()
+    try:
+        yield journal
+    finally:
+        with trio.move_on_after(5, shield=True):
+            await journal.close()

@@ -6,6 +6,7 @@ Every variable is ``CHATSRV_`` + the field name in upper case (``CHATSRV_TURN_DE
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
@@ -45,8 +46,19 @@ class Settings(BaseSettings):
     turn_deadline_s: float = Field(default=600.0, gt=0)
     heartbeat_s: float = Field(default=15.0, gt=0)
     shutdown_grace_s: float = Field(default=5.0, ge=0)
-    persist_grace_s: float = Field(default=10.0, gt=0)
     max_message_chars: int = Field(default=100_000, ge=1)
+
+    # Durability.
+    checkpoint_interval_s: float = Field(default=1.0, gt=0)
+    # How long a final commit retries while the server runs normally, then during shutdown,
+    # before the reply goes to the local journal instead.
+    persist_retry_s: float = Field(default=30.0, gt=0)
+    persist_grace_s: float = Field(default=3.0, gt=0)
+    journal_dir: Path = Path("chatsrv-journal")
+    # A streaming row's lease: renewed every third of it while its process lives; the sweeper
+    # marks rows whose lease expired 'interrupted'/'server_crash'.
+    lease_s: float = Field(default=30.0, gt=0)
+    sweep_interval_s: float = Field(default=15.0, gt=0)
 
     @field_validator("database_url")
     @classmethod

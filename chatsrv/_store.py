@@ -26,7 +26,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final, TypedDict, TypeVar
 
 import trio
-from sqlalchemy import Row, delete, insert, inspect, select, text, update
+from sqlalchemy import Row, delete, exc, insert, inspect, select, text, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -65,6 +65,7 @@ class Message(TypedDict):
     usage: dict[str, Any] | None
     created_at: str
     updated_at: str
+    parent_id: str | None  # an assistant message: the user message it answers
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,13 @@ class TurnStart:
     assistant_message: Message
     # The upstream prompt: the system prompt if any, earlier messages with content, the new one.
     history: list[dict[str, str]]
+    # True when the Idempotency-Key named a turn that already exists: the messages are that
+    # turn's, nothing was written, and the history is empty.
+    existing: bool = False
+
+
+# How long an Idempotency-Key names its turn.
+IDEMPOTENCY_WINDOW: Final = timedelta(hours=24)
 
 
 class Store:
@@ -164,16 +172,49 @@ class Store:
         return await self._call(self._get_message(mid))
 
     async def begin_turn(
-        self, conversation_id: str, *, content: str, model: str
+        self,
+        conversation_id: str,
+        *,
+        content: str,
+        model: str,
+        owner: str,
+        lease_s: float,
+        idempotency_key: str | None = None,
     ) -> TurnStart | None:
         """In one transaction: read the history and insert the user message ('complete') and the
-        assistant message ('streaming', empty). None, and nothing written, if the conversation
-        does not exist."""
+        assistant message ('streaming', empty, owned by ``owner`` for ``lease_s``). None, and
+        nothing written, if the conversation does not exist.
+
+        With an ``idempotency_key`` that already names a turn of this conversation (concurrent
+        requests included), nothing is written and that turn is returned with ``existing``.
+        """
         cid = _parse_id(conversation_id)
         if cid is None:
             await trio.lowlevel.checkpoint()
             return None
-        return await self._call(self._begin_turn(cid, content, model))
+        turn = _NewTurn(cid, content, model, owner, lease_s, idempotency_key)
+        return await self._call(self._begin_turn(turn))
+
+    async def checkpoint(
+        self, message_id: str, *, content: str, owner: str, lease_s: float
+    ) -> bool:
+        """Save a streaming reply's content so far and renew its lease, in one UPDATE that only
+        touches a row still 'streaming' and still ours (a final commit is never overwritten)."""
+        mid = _parse_id(message_id)
+        if mid is None:
+            await trio.lowlevel.checkpoint()
+            return False
+        return await self._call(self._checkpoint(mid, content, owner, lease_s))
+
+    async def renew_leases(self, owner: str, *, lease_s: float) -> int:
+        """Extend the lease of every row ``owner`` is streaming; return how many."""
+        return await self._call(self._renew_leases(owner, lease_s))
+
+    async def sweep(self) -> int:
+        """Mark streaming rows whose lease expired (their process died) 'interrupted' with
+        stop_reason 'server_crash', keeping their checkpointed content; forget Idempotency-Keys
+        older than 24 h. Return how many replies were swept."""
+        return await self._call(self._sweep())
 
     async def finish_reply(
         self,
@@ -201,6 +242,8 @@ class Store:
             "stop_reason": stop_reason,
             "error": error,
             "usage": usage,
+            "owner": None,
+            "lease_expires_at": None,
         }
         return await self._call(self._finish_reply(mid, values))
 
@@ -284,7 +327,24 @@ class Store:
             row = (await conn.execute(select(messages).where(messages.c.id == mid))).first()
         return None if row is None else _message(row._mapping)
 
-    async def _begin_turn(self, cid: str, content: str, model: str) -> TurnStart | None:
+    async def _begin_turn(self, turn: _NewTurn) -> TurnStart | None:
+        if turn.idempotency_key is not None:
+            existing = await self._keyed_turn(turn.cid, turn.idempotency_key)
+            if existing is not None:
+                return existing
+        try:
+            return await self._insert_turn(turn)
+        except exc.IntegrityError:
+            # A concurrent request with the same key inserted its turn first.
+            if turn.idempotency_key is None:
+                raise
+            existing = await self._keyed_turn(turn.cid, turn.idempotency_key)
+            if existing is None:
+                raise
+            return existing
+
+    async def _insert_turn(self, turn: _NewTurn) -> TurnStart | None:
+        cid = turn.cid
         async with self._writer.begin() as conn:
             # FOR KEY SHARE (PostgreSQL): a concurrent delete waits for this turn to commit
             # instead of failing its foreign key check.
@@ -298,16 +358,104 @@ class Store:
             )
             history = [{"role": role, "content": text_} for role, text_ in earlier]
             user_at, assistant_at = _CLOCK.now(), _CLOCK.now()
-            rows = [
-                _new_message(cid, "user", content, "complete", None, user_at),
-                _new_message(cid, "assistant", "", "streaming", model, assistant_at),
-            ]
-            await conn.execute(insert(messages), rows)
+            user = _new_message(cid, "user", turn.content, "complete", None, user_at)
+            assistant = _new_message(cid, "assistant", "", "streaming", turn.model, assistant_at)
+            assistant.update(
+                parent_id=user["id"],
+                idempotency_key=turn.idempotency_key,
+                owner=turn.owner,
+                lease_expires_at=assistant_at + timedelta(seconds=turn.lease_s),
+            )
+            await conn.execute(insert(messages), [user, assistant])
         conversation = _conversation(conv)
         if conversation["system"]:
             history.insert(0, {"role": "system", "content": conversation["system"]})
-        history.append({"role": "user", "content": content})
-        return TurnStart(conversation, _message(rows[0]), _message(rows[1]), history)
+        history.append({"role": "user", "content": turn.content})
+        return TurnStart(conversation, _message(user), _message(assistant), history)
+
+    async def _keyed_turn(self, cid: str, key: str) -> TurnStart | None:
+        async with self._engine.begin() as conn:
+            conv = await _select_conversation(conn, cid)
+            if conv is None:
+                return None
+            assistant = (
+                await conn.execute(
+                    select(messages).where(
+                        messages.c.conversation_id == cid, messages.c.idempotency_key == key
+                    )
+                )
+            ).first()
+            if assistant is None:
+                return None
+            user = (
+                await conn.execute(
+                    select(messages).where(messages.c.id == assistant._mapping["parent_id"])
+                )
+            ).first()
+        if user is None:  # the schema cannot say so, but nothing deletes one message alone
+            raise StoreError(f"the user message of turn {assistant._mapping['id']} is missing")
+        return TurnStart(
+            _conversation(conv),
+            _message(user._mapping),
+            _message(assistant._mapping),
+            [],
+            existing=True,
+        )
+
+    async def _checkpoint(self, mid: str, content: str, owner: str, lease_s: float) -> bool:
+        now = _CLOCK.now()
+        statement = (
+            update(messages)
+            .where(
+                messages.c.id == mid,
+                messages.c.status == "streaming",
+                messages.c.owner == owner,
+            )
+            .values(
+                content=content,
+                updated_at=now,
+                lease_expires_at=now + timedelta(seconds=lease_s),
+            )
+        )
+        async with self._writer.begin() as conn:
+            result = await conn.execute(statement)
+        return result.rowcount > 0
+
+    async def _renew_leases(self, owner: str, lease_s: float) -> int:
+        statement = (
+            update(messages)
+            .where(messages.c.status == "streaming", messages.c.owner == owner)
+            .values(lease_expires_at=_CLOCK.now() + timedelta(seconds=lease_s))
+        )
+        async with self._writer.begin() as conn:
+            result = await conn.execute(statement)
+        return result.rowcount
+
+    async def _sweep(self) -> int:
+        now = _CLOCK.now()
+        crashed = (
+            update(messages)
+            .where(messages.c.status == "streaming", messages.c.lease_expires_at < now)
+            .values(
+                status="interrupted",
+                stop_reason="server_crash",
+                owner=None,
+                lease_expires_at=None,
+                updated_at=now,
+            )
+        )
+        forgotten = (
+            update(messages)
+            .where(
+                messages.c.idempotency_key.is_not(None),
+                messages.c.created_at < now - IDEMPOTENCY_WINDOW,
+            )
+            .values(idempotency_key=None)
+        )
+        async with self._writer.begin() as conn:
+            swept = (await conn.execute(crashed)).rowcount
+            await conn.execute(forgotten)
+        return swept
 
     async def _finish_reply(self, mid: str, values: dict[str, Any]) -> bool:
         statement = (
@@ -361,6 +509,16 @@ async def _select_conversation(
     return (await conn.execute(query)).first()
 
 
+@dataclass(frozen=True)
+class _NewTurn:
+    cid: str
+    content: str
+    model: str
+    owner: str
+    lease_s: float
+    idempotency_key: str | None
+
+
 def _new_message(
     cid: str, role: str, content: str, status: str, model: str | None, at: datetime
 ) -> dict[str, Any]:
@@ -376,6 +534,10 @@ def _new_message(
         "usage": None,
         "created_at": at,
         "updated_at": at,
+        "parent_id": None,
+        "idempotency_key": None,
+        "owner": None,
+        "lease_expires_at": None,
     }
 
 
@@ -411,4 +573,5 @@ def _message(row: Any) -> Message:
         usage=row["usage"],
         created_at=_iso(row["created_at"]),
         updated_at=_iso(row["updated_at"]),
+        parent_id=None if row["parent_id"] is None else str(row["parent_id"]),
     )

@@ -60,6 +60,10 @@ messages = Table(
     Column("usage", Usage, nullable=True),
     Column("created_at", Timestamp, nullable=False),
     Column("updated_at", Timestamp, nullable=False),
+    Column("parent_id", Id, nullable=True),
+    Column("idempotency_key", Text, nullable=True),
+    Column("owner", Text, nullable=True),
+    Column("lease_expires_at", Timestamp, nullable=True),
 )
 
 TABLE_NAMES: Final = ("conversations", "messages")

@@ -63,23 +63,24 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
 
     @app.errorhandler(ChatsrvError)
     async def chatsrv_error(error: ChatsrvError) -> Response:
-        return _error_response(error.status, error.code, error.message)
+        return _error_response(error.status, error.to_json())
 
     @app.errorhandler(HTTPException)
     async def http_error(error: HTTPException) -> Response:
         code = (error.name or "error").lower().replace(" ", "_")
-        return _error_response(error.code or 500, code, error.description or code)
+        body = {"error": {"code": code, "message": error.description or code}}
+        return _error_response(error.code or 500, body)
 
     @app.errorhandler(Exception)
     async def internal_error(error: Exception) -> Response:
         log.exception("unhandled error", exc_info=error)
-        return _error_response(500, "internal_error", "internal server error")
+        body = {"error": {"code": "internal_error", "message": "internal server error"}}
+        return _error_response(500, body)
 
     return app
 
 
-def _error_response(status: int, code: str, message: str) -> Response:
-    body: dict[str, Any] = {"error": {"code": code, "message": message}}
+def _error_response(status: int, body: dict[str, Any]) -> Response:
     response = Response(orjson.dumps(body), status=status, mimetype="application/json")
     if status == 503:
         response.headers["Retry-After"] = "5"

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -151,12 +152,15 @@ StartChatsrv = Callable[..., Awaitable[Chatsrv]]
 
 
 @pytest.fixture
-async def start_chatsrv(database_url: str, upstream: Any) -> AsyncIterator[StartChatsrv]:
+async def start_chatsrv(
+    database_url: str, upstream: Any, tmp_path: Path
+) -> AsyncIterator[StartChatsrv]:
     """Start a chatsrv with the given setting overrides; all are stopped when the test ends."""
     started: list[Chatsrv] = []
     async with trio.open_nursery() as nursery:
 
         async def start(**overrides: Any) -> Chatsrv:
+            overrides.setdefault("journal_dir", tmp_path / f"journal-{len(started)}")
             settings = chatsrv_settings(database_url, upstream.base_url, **overrides)
             app = create_app(settings)
             config = Config()

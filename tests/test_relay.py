@@ -5,8 +5,8 @@ from __future__ import annotations
 import trio
 import trio.testing
 
-from chatsrv._engine import Outcome, Status, Turn
 from chatsrv._relay import PING, relay
+from chatsrv._turn import Outcome, Status, Turn
 
 
 def make_turn(orphaned: list[Turn] | None = None) -> Turn:
@@ -23,7 +23,7 @@ def make_turn(orphaned: list[Turn] | None = None) -> Turn:
 def finish(turn: Turn, status: Status = Status.COMPLETE, stop_reason: str = "stop") -> None:
     turn.outcome = Outcome(status, stop_reason)
     turn.persisted = True
-    turn._finish()
+    turn.finish()
 
 
 async def test_waiting_deltas_go_out_as_one_event() -> None:
@@ -31,7 +31,7 @@ async def test_waiting_deltas_go_out_as_one_event() -> None:
     events = relay(turn, heartbeat_s=15)
     assert (await events.__anext__()).startswith(b"event: start\n")
     for text in ("a", "bc", "déf"):
-        turn._append(text)
+        turn.append(text)
     delta = await events.__anext__()
     assert delta == b'id: 6\nevent: delta\ndata: {"content":"abcd\xc3\xa9f"}\n\n'
     finish(turn)
@@ -54,7 +54,7 @@ async def test_relay_does_not_wait_to_batch(autojump_clock: trio.testing.MockClo
 
         nursery.start_soon(read_one)
         await trio.testing.wait_all_tasks_blocked()
-        turn._append("x")
+        turn.append("x")
         start = trio.current_time()
     assert received == [b'id: 1\nevent: delta\ndata: {"content":"x"}\n\n']
     assert trio.current_time() == start
@@ -97,10 +97,10 @@ async def test_relay_leaving_a_finished_turn_orphans_nothing() -> None:
 
 async def test_failed_turn_sends_error_then_done() -> None:
     turn = make_turn()
-    turn._append("partial")
+    turn.append("partial")
     turn.outcome = Outcome(Status.FAILED, "upstream_error", "upstream_status", "HTTP 500")
     turn.persisted = True
-    turn._finish()
+    turn.finish()
     body = b"".join([chunk async for chunk in relay(turn, heartbeat_s=15)])
     events = body.split(b"\n\n")[:-1]
     assert [event.split(b"\n")[0] for event in events] == [

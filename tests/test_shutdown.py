@@ -88,6 +88,7 @@ async def test_sigterm_commits_every_streaming_reply(
         "CHATSRV_SHUTDOWN_GRACE_S": str(grace_s),
         "CHATSRV_HEARTBEAT_S": "0.5",
         "CHATSRV_LOG_LEVEL": "WARNING",
+        "CHATSRV_JOURNAL_DIR": str(tmp_path / "journal"),
     }
     streams: dict[str, Stream] = {}
     async with trio.open_nursery() as nursery:

@@ -35,6 +35,10 @@ from tests.db import terminate_backend
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}\+00:00$")
 
 
+# The owner and lease every test turn is begun with.
+LEASE = {"owner": "test-owner", "lease_s": 30.0}
+
+
 async def execute(store: Store, *statements: str) -> list[Any]:
     """Run raw SQL through the store's own engine and bridge; the first column of each result."""
 
@@ -51,7 +55,7 @@ async def execute(store: Store, *statements: str) -> list[Any]:
 
 async def new_turn(store: Store, content: str = "hi", *, system: str | None = None) -> Any:
     conversation = await store.create_conversation(title="t", model=None, system=system)
-    turn = await store.begin_turn(conversation["id"], content=content, model="m1")
+    turn = await store.begin_turn(conversation["id"], content=content, model="m1", **LEASE)
     assert turn is not None
     return turn
 
@@ -100,7 +104,7 @@ async def test_unknown_and_invalid_ids_find_nothing(store: Store, bad_id: str) -
     assert await store.delete_conversation(bad_id) is False
     assert await store.list_messages(bad_id) is None
     assert await store.get_message(bad_id) is None
-    assert await store.begin_turn(bad_id, content="hi", model="m") is None
+    assert await store.begin_turn(bad_id, content="hi", model="m", **LEASE) is None
     assert (
         await store.finish_reply(bad_id, content="x", status="complete", stop_reason=None) is False
     )
@@ -113,7 +117,7 @@ async def test_unknown_and_invalid_ids_find_nothing(store: Store, bad_id: str) -
 async def test_begin_turn_and_finish_reply_round_trip(store: Store) -> None:
     conversation = await store.create_conversation(title=None, model="m0", system="Be brief.")
     cid = conversation["id"]
-    turn = await store.begin_turn(cid, content="first", model="m1")
+    turn = await store.begin_turn(cid, content="first", model="m1", **LEASE)
     assert turn is not None
     assert turn.conversation == conversation
     assert turn.history == [
@@ -150,7 +154,7 @@ async def test_begin_turn_and_finish_reply_round_trip(store: Store) -> None:
     assert finished["updated_at"] > assistant["updated_at"]
 
     # A reply cut off with partial content counts as history; an empty one does not.
-    second = await store.begin_turn(cid, content="second", model="m1")
+    second = await store.begin_turn(cid, content="second", model="m1", **LEASE)
     assert second is not None
     await store.finish_reply(
         second.assistant_message["id"],
@@ -159,12 +163,12 @@ async def test_begin_turn_and_finish_reply_round_trip(store: Store) -> None:
         stop_reason=None,
         error="client went away",
     )
-    third = await store.begin_turn(cid, content="third", model="m2")
+    third = await store.begin_turn(cid, content="third", model="m2", **LEASE)
     assert third is not None
     await store.finish_reply(
         third.assistant_message["id"], content="", status="failed", stop_reason=None, error="boom"
     )
-    fourth = await store.begin_turn(cid, content="fourth", model="m2")
+    fourth = await store.begin_turn(cid, content="fourth", model="m2", **LEASE)
     assert fourth is not None
     assert fourth.history == [
         {"role": "system", "content": "Be brief."},
@@ -227,7 +231,7 @@ async def test_finish_reply_touches_only_assistant_rows(store: Store) -> None:
 
 def test_schema_file_splits_into_plain_statements() -> None:
     statements = schema_statements()
-    assert len(statements) == 5
+    assert len(statements) == 6
     assert all(";" not in s and "--" not in s for s in statements)
     assert all(" IF NOT EXISTS " in s for s in statements)
     assert "now()" not in " ".join(statements).lower()

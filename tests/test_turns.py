@@ -12,6 +12,7 @@ import pytest
 import trio
 from sqlalchemy import event
 
+from chatsrv import _recovery as recovery
 from tests.db import terminate_backend
 from tests.server import Chatsrv, StartChatsrv, Stream
 
@@ -240,10 +241,11 @@ async def test_database_locked_during_the_final_commit(
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-async def test_database_down_past_the_persist_grace_still_ends_the_stream(
+async def test_database_down_past_the_retry_budget_journals_then_replays(
     start_chatsrv: StartChatsrv, upstream: Any, database_url: str
 ) -> None:
-    chatsrv = await start_chatsrv(db_timeout_s=0.2, persist_grace_s=1.0)
+    # The periodic replayer is kept out of the way: the test replays when it chooses.
+    chatsrv = await start_chatsrv(db_timeout_s=0.2, persist_retry_s=1.0, sweep_interval_s=3600)
     upstream.script.tokens = TOKENS[:3]
     upstream.script.gated = True
     conversation_id = await chatsrv.new_conversation()
@@ -264,15 +266,27 @@ async def test_database_down_past_the_persist_grace_still_ends_the_stream(
                 await first.wait()
                 locker.execute("BEGIN EXCLUSIVE")
                 upstream.release(2)
+            # The commit gave up after its budget; the reply is in the journal, on disk, and
+            # the client was told the turn is done.
+            assert stream.done is not None and stream.done["status"] == "complete"
+            assert stream.errors == []
+            assert chatsrv.service.journal.holds_records()
+            response = await chatsrv.client.get("/readyz")
+            assert response.status_code == 503
+            assert "journal" in response.json()["error"]["message"]
     finally:
         locker.execute("ROLLBACK")
         locker.close()
 
-    # The persister's shield has a deadline: the client is told the reply could not be saved
-    # and the stream still ends, instead of hanging on a database that does not answer.
-    assert [error["code"] for error in stream.errors] == ["storage_unavailable"]
-    assert stream.done is not None and stream.done["status"] == "complete"
-    assert stream.text == "".join(TOKENS[:3])
+    assert await recovery.replay(chatsrv.service.journal, chatsrv.service.store) == 1
+    assert not chatsrv.service.journal.holds_records()
+    row = await assistant_row(chatsrv, conversation_id)
+    assert (row["status"], row["stop_reason"], row["content"]) == (
+        "complete",
+        "stop",
+        "".join(TOKENS[:3]),
+    )
+    assert (await chatsrv.client.get("/readyz")).status_code == 200
 
 
 async def test_no_database_write_per_token(chatsrv: Chatsrv, upstream: Any) -> None:

@@ -1,0 +1,202 @@
+"""The local journal: final replies the database could not take, kept on disk until it can.
+
+When a persister cannot make its final commit in time (the database stays down, or shutdown's
+deadline arrives), it appends the reply's final record here instead: one JSON line, written and
+``fsync``-ed before the persister returns. A replayer applies the records to the database once it
+answers — at startup and periodically — and removes what it applied. Applying a record is one
+idempotent UPDATE by id, so a record applied twice (a crash between applying and removing) does
+no harm. A reply is lost only if both the database and this disk are lost.
+
+Each process appends to a file of its own, ``<instance id>.jsonl`` in ``CHATSRV_JOURNAL_DIR``,
+and holds an exclusive ``flock`` on it for as long as it lives. A replayer takes over another
+process's file only if it can lock it, that is, only once that process is gone: several workers
+may share one directory, and a file is never read while its owner may still append to it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import orjson
+import trio
+
+log = logging.getLogger("chatsrv.journal")
+
+
+@dataclass(frozen=True)
+class FinalRecord:
+    """A reply's final values, as the persister would have committed them."""
+
+    message_id: str
+    content: str
+    status: str
+    stop_reason: str | None
+    error: str | None
+    usage: dict[str, Any] | None
+
+
+Apply = Callable[[FinalRecord], Awaitable[None]]
+
+
+class Journal:
+    """This process's journal file, and the replay of every file in the directory.
+
+    All methods are called from the Trio thread; the file I/O runs in worker threads, serialised
+    by a lock so that an append never interleaves with a replay of the same file.
+    """
+
+    def __init__(self, directory: Path, instance_id: str) -> None:
+        self.directory = directory
+        self.path = directory / f"{_safe(instance_id)}.jsonl"
+        self._lock = trio.Lock()
+        self._file: BinaryIO | None = None
+        self._pending = 0  # records in this process's file
+
+    async def open(self) -> None:
+        """Create the directory and this process's file, and lock the file for our lifetime."""
+        await trio.to_thread.run_sync(self._open)
+
+    def _open(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        file = open(self.path, "ab")  # noqa: SIM115 (held open, and locked, until close)
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _fsync_directory(self.directory)
+        self._file = file
+
+    async def close(self) -> None:
+        """Release the lock; remove the file if nothing is pending in it."""
+        async with self._lock:
+            file, self._file = self._file, None
+            if file is not None:
+                await trio.to_thread.run_sync(self._close, file)
+
+    def _close(self, file: BinaryIO) -> None:
+        if file.tell() == 0:
+            self.path.unlink(missing_ok=True)
+        file.close()
+
+    @property
+    def pending(self) -> int:
+        """Records appended by this process and not yet applied."""
+        return self._pending
+
+    def holds_records(self) -> bool:
+        """Whether any record, this process's or a dead one's, waits to be replayed."""
+        if self._pending:
+            return True
+        for path in self.files():
+            try:
+                if path != self.path and path.stat().st_size > 0:
+                    return True
+            except FileNotFoundError:  # replayed and removed just now
+                continue
+        return False
+
+    def files(self) -> list[Path]:
+        """Every journal file in the directory, this process's included."""
+        return sorted(self.directory.glob("*.jsonl"))
+
+    async def append(self, record: FinalRecord) -> None:
+        """Write ``record`` durably: it is on disk (fsync) when this returns."""
+        line = orjson.dumps(asdict(record)) + b"\n"
+        async with self._lock:
+            if self._file is None:
+                raise RuntimeError("the journal is closed")
+            await trio.to_thread.run_sync(_append, self._file, line)
+            self._pending += 1
+
+    async def replay(self, apply: Apply) -> int:
+        """Apply every record of every file that no live process holds; remove what was applied.
+
+        ``apply`` raises when the database cannot take a record: replay stops there, and what
+        was not applied stays on disk for the next attempt. Returns how many were applied.
+        """
+        applied = 0
+        async with self._lock:
+            for path in self.files():
+                if path == self.path:
+                    applied += await self._replay_own(apply)
+                else:
+                    applied += await self._replay_orphan(path, apply)
+        return applied
+
+    async def _replay_own(self, apply: Apply) -> int:
+        file = self._file
+        if file is None or (self._pending == 0 and file.tell() == 0):
+            return 0
+        records = await trio.to_thread.run_sync(_read, self.path)
+        for record in records:
+            await apply(record)
+        await trio.to_thread.run_sync(_truncate, file)
+        self._pending = 0
+        return len(records)
+
+    async def _replay_orphan(self, path: Path, apply: Apply) -> int:
+        file = await trio.to_thread.run_sync(_lock_if_abandoned, path)
+        if file is None:
+            return 0  # its process is alive
+        try:
+            records = await trio.to_thread.run_sync(_read, path)
+            for record in records:
+                await apply(record)
+            await trio.to_thread.run_sync(path.unlink)
+        finally:
+            file.close()
+        log.info("replayed %d record(s) left by %s", len(records), path.name)
+        return len(records)
+
+
+def _safe(instance_id: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in instance_id)
+
+
+def _append(file: BinaryIO, line: bytes) -> None:
+    file.write(line)
+    file.flush()
+    os.fsync(file.fileno())
+
+
+def _read(path: Path) -> list[FinalRecord]:
+    records = []
+    for number, line in enumerate(path.read_bytes().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(FinalRecord(**orjson.loads(line)))
+        except (orjson.JSONDecodeError, TypeError):
+            # A line torn by a crash mid-write: everything before it was fsync-ed whole.
+            log.error("%s:%d: skipping a damaged journal line", path, number)
+    return records
+
+
+def _truncate(file: BinaryIO) -> None:
+    file.truncate(0)
+    file.seek(0)
+    os.fsync(file.fileno())
+
+
+def _lock_if_abandoned(path: Path) -> BinaryIO | None:
+    try:
+        file = open(path, "rb")  # noqa: SIM115 (returned to the caller, who closes it)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        file.close()
+        return None
+    return file
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

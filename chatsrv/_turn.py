@@ -1,0 +1,115 @@
+"""A turn's state: its ids, the reply as its persister holds it, and how it ended.
+
+A :class:`Turn` is written by its turn task (the outcome, in the generation) and its persister
+(the chunks, ``persisted``, ``finished``), and read by any number of relays. How the tasks around
+it are arranged is drawn in ``_engine.py``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+
+class Status(enum.StrEnum):
+    STREAMING = "streaming"
+    COMPLETE = "complete"
+    INTERRUPTED = "interrupted"
+    TIMED_OUT = "timed_out"
+    FAILED = "failed"
+    CANCELLED = "cancelled"  # reserved for an explicit stop by the client
+
+
+class StopReason(enum.StrEnum):
+    CLIENT_DISCONNECTED = "client_disconnected"
+    SERVER_SHUTDOWN = "server_shutdown"
+    SERVER_CRASH = "server_crash"  # set by the sweeper, for a process that died
+    DEADLINE = "deadline"
+    UPSTREAM_ERROR = "upstream_error"
+    INTERNAL_ERROR = "internal_error"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a turn ended, as it is stored and as the client's ``done`` event reports it."""
+
+    status: Status
+    stop_reason: str
+    error_code: str | None = None
+    error: str | None = None
+    usage: dict[str, Any] | None = None
+
+
+class Turn:
+    """One assistant reply in the making."""
+
+    def __init__(
+        self,
+        *,
+        conversation_id: str,
+        user_message_id: str,
+        message_id: str,
+        model: str,
+        deadline: float,
+        on_orphaned: Callable[[Turn], None],
+    ) -> None:
+        self.conversation_id = conversation_id
+        self.user_message_id = user_message_id
+        self.message_id = message_id
+        self.model = model
+        # The reply as the persister received it; relays keep an index into it.
+        self.chunks: list[str] = []
+        self.length = 0  # characters in chunks
+        self.outcome: Outcome | None = None
+        # True once the final record is durable: committed, or journaled on local disk.
+        self.persisted = False
+        self.finished = trio.Event()
+        self.generation_scope = trio.CancelScope(deadline=deadline)
+        self.stop_reason: str | None = None  # why stop() was called, if it was
+        self._changed = trio.Event()
+        self._relays = 0
+        self._on_orphaned = on_orphaned
+
+    @property
+    def content(self) -> str:
+        return "".join(self.chunks)
+
+    def stop(self, reason: str) -> None:
+        """End the generation early; the reply so far is kept as ``interrupted``/``reason``."""
+        if self.stop_reason is None and not self.generation_scope.cancel_called:
+            self.stop_reason = reason
+        self.generation_scope.cancel(reason=reason)
+
+    # -- the persister's side --------------------------------------------------------------
+
+    def append(self, text: str) -> None:
+        self.chunks.append(text)
+        self.length += len(text)
+        self._notify()
+
+    def finish(self) -> None:
+        self.finished.set()
+        self._notify()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    # -- the relays' side ------------------------------------------------------------------
+
+    async def wait_changed(self) -> None:
+        """Wait until a chunk is appended or the turn finishes."""
+        await self._changed.wait()
+
+    def attach(self) -> None:
+        self._relays += 1
+
+    def detach(self) -> None:
+        """A relay is gone. When the last one leaves an unfinished turn, nobody is listening."""
+        self._relays -= 1
+        if self._relays == 0 and not self.finished.is_set():
+            self._on_orphaned(self)
