@@ -1,0 +1,130 @@
+"""The local journal on its own: durable appends, replay of this process's records and of those
+left by dead processes, never of a live process's file."""
+
+from __future__ import annotations
+
+import fcntl
+from pathlib import Path
+
+import orjson
+import pytest
+
+from chatsrv._errors import StoreUnavailable
+from chatsrv._journal import FinalRecord, Journal
+
+
+def record(n: int) -> FinalRecord:
+    return FinalRecord(f"m{n}", f"content {n}", "interrupted", "server_shutdown", None, None)
+
+
+async def test_append_then_replay_applies_in_order_and_empties(tmp_path: Path) -> None:
+    journal = Journal(tmp_path, "me")
+    await journal.open()
+    await journal.append(record(1))
+    await journal.append(record(2))
+    assert journal.holds_records()
+    lines = journal.path.read_bytes().splitlines()
+    assert [orjson.loads(line)["message_id"] for line in lines] == ["m1", "m2"]
+
+    applied: list[FinalRecord] = []
+
+    async def apply(r: FinalRecord) -> None:
+        applied.append(r)
+
+    assert await journal.replay(apply) == 2
+    assert applied == [record(1), record(2)]
+    assert not journal.holds_records()
+    assert journal.path.read_bytes() == b""
+    await journal.close()
+    assert not journal.path.exists()
+
+
+async def test_a_failed_replay_keeps_every_record(tmp_path: Path) -> None:
+    journal = Journal(tmp_path, "me")
+    await journal.open()
+    await journal.append(record(1))
+    await journal.append(record(2))
+
+    async def database_down(r: FinalRecord) -> None:
+        raise StoreUnavailable("down")
+
+    with pytest.raises(StoreUnavailable):
+        await journal.replay(database_down)
+    assert journal.holds_records()
+    applied: list[str] = []
+
+    async def apply(r: FinalRecord) -> None:
+        applied.append(r.message_id)
+
+    assert await journal.replay(apply) == 2
+    assert applied == ["m1", "m2"]
+    await journal.close()
+
+
+async def test_a_dead_process_file_is_replayed_and_removed(tmp_path: Path) -> None:
+    dead = Journal(tmp_path, "dead")
+    await dead.open()
+    await dead.append(record(7))
+    # Its process is gone: the lock goes with its file descriptor (here: closed by hand).
+    assert dead._file is not None
+    dead._file.close()
+
+    journal = Journal(tmp_path, "me")
+    await journal.open()
+    assert journal.holds_records()
+    applied: list[str] = []
+
+    async def apply(r: FinalRecord) -> None:
+        applied.append(r.message_id)
+
+    assert await journal.replay(apply) == 1
+    assert applied == ["m7"]
+    assert not dead.path.exists()
+    assert not journal.holds_records()
+    await journal.close()
+
+
+async def test_a_live_process_file_is_never_touched(tmp_path: Path) -> None:
+    live = Journal(tmp_path, "live")
+    await live.open()
+    await live.append(record(3))
+    journal = Journal(tmp_path, "me")
+    await journal.open()
+
+    async def apply(r: FinalRecord) -> None:
+        raise AssertionError("a live process's record was replayed")
+
+    assert await journal.replay(apply) == 0
+    assert live.path.exists() and live.pending == 1
+    await journal.close()
+    await live.close()
+
+
+async def test_a_torn_last_line_is_skipped(tmp_path: Path) -> None:
+    path = tmp_path / "crashed.jsonl"
+    path.write_bytes(orjson.dumps(record(1).__dict__) + b"\n" + b'{"message_id": "m2", "con')
+    journal = Journal(tmp_path, "me")
+    await journal.open()
+    applied: list[str] = []
+
+    async def apply(r: FinalRecord) -> None:
+        applied.append(r.message_id)
+
+    assert await journal.replay(apply) == 1
+    assert applied == ["m1"]
+    await journal.close()
+
+
+async def test_the_file_is_locked_while_open(tmp_path: Path) -> None:
+    journal = Journal(tmp_path, "me")
+    await journal.open()
+    with pytest.raises(BlockingIOError):
+        lock_from_another_process(journal.path)
+    await journal.close()
+
+
+def lock_from_another_process(path: Path) -> None:
+    # flock locks belong to an open file description: a second open() behaves like another
+    # process would.
+    with open(path, "rb") as other:
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

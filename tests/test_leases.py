@@ -1,0 +1,120 @@
+"""The store's durability primitives, on both databases: checkpoints that never overwrite a final
+commit, leases and the sweeper that only takes rows whose process stopped renewing them, and
+Idempotency-Keys that name one turn, even under concurrent requests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+
+from chatsrv._store import Store
+
+
+async def begin(
+    store: Store, conversation_id: str, *, owner: str, lease_s: float, key: str | None = None
+) -> Any:
+    turn = await store.begin_turn(
+        conversation_id,
+        content="hi",
+        model="m",
+        owner=owner,
+        lease_s=lease_s,
+        idempotency_key=key,
+    )
+    assert turn is not None
+    return turn
+
+
+async def new_conversation(store: Store) -> str:
+    return (await store.create_conversation(title=None, model=None, system=None))["id"]
+
+
+async def test_checkpoint_saves_content_and_never_overwrites_a_final_commit(store: Store) -> None:
+    turn = await begin(store, await new_conversation(store), owner="a", lease_s=30)
+    mid = turn.assistant_message["id"]
+
+    assert await store.checkpoint(mid, content="par", owner="a", lease_s=30)
+    message = await store.get_message(mid)
+    assert message is not None
+    assert (message["status"], message["content"]) == ("streaming", "par")
+
+    # Only the owner checkpoints its row.
+    assert not await store.checkpoint(mid, content="other", owner="b", lease_s=30)
+
+    await store.finish_reply(mid, content="partial", status="complete", stop_reason="stop")
+    # A checkpoint that arrives after the final commit changes nothing.
+    assert not await store.checkpoint(mid, content="par", owner="a", lease_s=30)
+    message = await store.get_message(mid)
+    assert message is not None
+    assert (message["status"], message["content"]) == ("complete", "partial")
+
+
+async def test_sweep_takes_only_rows_whose_lease_expired(store: Store) -> None:
+    cid = await new_conversation(store)
+    dead = await begin(store, cid, owner="dead", lease_s=0.05)
+    alive = await begin(store, cid, owner="alive", lease_s=0.05)
+    assert await store.checkpoint(
+        dead.assistant_message["id"], content="saved so far", owner="dead", lease_s=0.05
+    )
+    await trio.sleep(0.1)
+    # The live process renews its leases; the dead one does not.
+    assert await store.renew_leases("alive", lease_s=30) == 1
+
+    assert await store.sweep() == 1
+
+    swept = await store.get_message(dead.assistant_message["id"])
+    assert swept is not None
+    assert (swept["status"], swept["stop_reason"], swept["content"]) == (
+        "interrupted",
+        "server_crash",
+        "saved so far",
+    )
+    untouched = await store.get_message(alive.assistant_message["id"])
+    assert untouched is not None and untouched["status"] == "streaming"
+    assert await store.sweep() == 0
+
+
+async def test_a_final_commit_after_a_sweep_wins(store: Store) -> None:
+    turn = await begin(store, await new_conversation(store), owner="slow", lease_s=0.01)
+    mid = turn.assistant_message["id"]
+    await trio.sleep(0.05)
+    assert await store.sweep() == 1
+    # The process was alive after all (stalled past its lease): its final commit still lands.
+    assert await store.finish_reply(mid, content="all of it", status="complete", stop_reason="stop")
+    message = await store.get_message(mid)
+    assert message is not None
+    assert (message["status"], message["content"]) == ("complete", "all of it")
+
+
+async def test_an_idempotency_key_names_one_turn(store: Store) -> None:
+    cid = await new_conversation(store)
+    first = await begin(store, cid, owner="a", lease_s=30, key="k1")
+    again = await begin(store, cid, owner="a", lease_s=30, key="k1")
+    assert not first.existing and again.existing
+    assert again.assistant_message["id"] == first.assistant_message["id"]
+    assert again.user_message["id"] == first.user_message["id"]
+    assert again.assistant_message["parent_id"] == first.user_message["id"]
+
+    # The same key in another conversation is another turn.
+    other = await begin(store, await new_conversation(store), owner="a", lease_s=30, key="k1")
+    assert not other.existing
+    messages = await store.list_messages(cid)
+    assert messages is not None and len(messages) == 2
+
+
+async def test_concurrent_requests_with_one_key_make_one_turn(store: Store) -> None:
+    cid = await new_conversation(store)
+    results: list[Any] = []
+
+    async def send() -> None:
+        results.append(await begin(store, cid, owner="a", lease_s=30, key="same"))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(8):
+            nursery.start_soon(send)
+
+    assert sum(not r.existing for r in results) == 1
+    assert len({r.assistant_message["id"] for r in results}) == 1
+    messages = await store.list_messages(cid)
+    assert messages is not None and len(messages) == 2
