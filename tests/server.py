@@ -161,7 +161,8 @@ async def start_chatsrv(
 
         async def start(**overrides: Any) -> Chatsrv:
             overrides.setdefault("journal_dir", tmp_path / f"journal-{len(started)}")
-            settings = chatsrv_settings(database_url, upstream.base_url, **overrides)
+            url = overrides.pop("database_url", database_url)
+            settings = chatsrv_settings(url, upstream.base_url, **overrides)
             app = create_app(settings)
             config = Config()
             config.bind = ["127.0.0.1:0"]

@@ -3,7 +3,6 @@ embedded defaults (SQLite in the working directory, the demo model) until Ctrl-C
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -15,23 +14,14 @@ import trio
 from hypercorn.config import Config
 
 from chatsrv._settings import Settings
+from tests.processes import chatsrv_environment
 from tests.server import ApiClient
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def clean_environment(**variables: str) -> dict[str, str]:
-    """This process's environment without any chatsrv or OpenAI setting, plus ``variables``."""
-    env = {
-        name: value
-        for name, value in os.environ.items()
-        if not name.startswith("CHATSRV_") and name != "OPENAI_API_KEY"
-    }
-    return env | variables
-
-
 async def test_db_init_applies_the_schema_once(tmp_path: Path) -> None:
-    env = clean_environment(CHATSRV_DATABASE_URL=f"sqlite:///{tmp_path / 'init.db'}")
+    env = chatsrv_environment(database_url=f"sqlite:///{tmp_path / 'init.db'}")
     command = [sys.executable, "-m", "chatsrv", "db", "init"]
     with trio.fail_after(30):
         first = await trio.run_process(command, env=env, capture_stdout=True)
@@ -41,7 +31,7 @@ async def test_db_init_applies_the_schema_once(tmp_path: Path) -> None:
 
 
 async def test_serve_with_embedded_defaults_then_ctrl_c(tmp_path: Path) -> None:
-    env = clean_environment(CHATSRV_DEMO_TOKEN_INTERVAL_S="0.05", CHATSRV_SHUTDOWN_GRACE_S="0.5")
+    env = chatsrv_environment(demo_token_interval_s="0.05", shutdown_grace_s="0.5")
     process = await trio.lowlevel.open_process(
         [sys.executable, "-m", "chatsrv", "serve", "--port", "0"],
         env=env,

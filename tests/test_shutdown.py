@@ -9,11 +9,7 @@ connections first and the replies are committed all the same.
 
 from __future__ import annotations
 
-import os
-import re
 import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,44 +18,11 @@ import pytest
 import trio
 
 from chatsrv._store import Store
+from tests.processes import chatsrv_environment, start_hypercorn
 from tests.server import ApiClient, Stream
 
 STREAMS = 20
 TOKENS = [f"w{i} " for i in range(2000)]  # at 20 ms a token: 40 s, far beyond any grace here
-
-
-async def run_hypercorn(
-    nursery: trio.Nursery, tmp_path: Path, env: dict[str, str], graceful_timeout: float
-) -> tuple[trio.Process, str, list[bytes]]:
-    config = tmp_path / "hypercorn.toml"
-    config.write_text(
-        'bind = ["127.0.0.1:0"]\nworker_class = "trio"\nworkers = 1\n'
-        f"graceful_timeout = {graceful_timeout}\n"
-    )
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "hypercorn", "-c", str(config), "chatsrv.app:create_app()"],
-        env=env,
-        stderr=subprocess.PIPE,
-    )
-    assert process.stderr is not None
-    log: list[bytes] = []
-    url = trio.Event()
-    found: list[str] = []
-
-    async def read_log() -> None:
-        assert process.stderr is not None
-        buffer = b""
-        async for data in process.stderr:
-            log.append(data)
-            buffer += data
-            if not url.is_set() and (m := re.search(rb"Running on (http://\S+)", buffer)):
-                found.append(m.group(1).decode())
-                url.set()
-
-    nursery.start_soon(read_log)
-    with trio.fail_after(30):
-        await url.wait()
-    return process, found[0], log
 
 
 @pytest.mark.parametrize(
@@ -79,22 +42,22 @@ async def test_sigterm_commits_every_streaming_reply(
 ) -> None:
     upstream.script.tokens = TOKENS
     upstream.script.interval_s = 0.02
-    env = {
-        **os.environ,
-        "CHATSRV_DATABASE_URL": database_url,
-        "CHATSRV_LLM_PROVIDER": "openai",
-        "CHATSRV_LLM_BASE_URL": upstream.base_url,
-        "CHATSRV_LLM_API_KEY": "test-key",
-        "CHATSRV_SHUTDOWN_GRACE_S": str(grace_s),
-        "CHATSRV_HEARTBEAT_S": "0.5",
-        "CHATSRV_LOG_LEVEL": "WARNING",
-        "CHATSRV_JOURNAL_DIR": str(tmp_path / "journal"),
-    }
+    env = chatsrv_environment(
+        database_url=database_url,
+        llm_provider="openai",
+        llm_base_url=upstream.base_url,
+        llm_api_key="test-key",
+        shutdown_grace_s=str(grace_s),
+        heartbeat_s="0.5",
+        log_level="WARNING",
+        journal_dir=str(tmp_path / "journal"),
+    )
     streams: dict[str, Stream] = {}
     async with trio.open_nursery() as nursery:
-        process, url, log = await run_hypercorn(nursery, tmp_path, env, graceful_timeout)
+        server = await start_hypercorn(nursery, tmp_path, env, graceful_timeout=graceful_timeout)
+        process = server.process
         try:
-            async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+            async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
                 api = ApiClient(http)
                 conversations = [await api.new_conversation() for _ in range(STREAMS)]
                 streaming = trio.Semaphore(0)
@@ -118,7 +81,7 @@ async def test_sigterm_commits_every_streaming_reply(
                         for _ in conversations:
                             await streaming.acquire()
                         process.send_signal(signal.SIGTERM)
-                    assert await process.wait() == 0, b"".join(log).decode()
+                    assert await process.wait() == 0, server.output()
         finally:
             if process.returncode is None:
                 process.kill()
