@@ -4,10 +4,10 @@ Who owns what::
 
     request task (POST .../messages)      service nursery (TurnEngine.serve, one per process)
     ────────────────────────────────      ─────────────────────────────────────────────────────
-    start_turn() ── nursery.start ──────▶ turn task (_run)
+    start_turn() ── inbox channel ──────▶ spawner ── start_soon ──▶ turn task (_run)
                                             │ shielded, bounded: store.begin_turn()
                                             │   user row + assistant row 'streaming', one commit
-    ◀──────────── started(turn) ────────────┤
+    ◀──────────── reply channel: turn ──────┤ (the requester gone? the turn stops at once)
                                             ├── generation scope  (CancelScope, deadline)
     SSE body = relay(turn)                  │     provider.generate(emit=deltas.send_nowait)
       (one per client; waits on             │          │
@@ -33,6 +33,10 @@ what is stored, and they send ``done`` only after the final commit. Persistence 
 client (the persister appends and notifies; it never awaits a relay), and no client waits on the
 database while deltas flow (the only writes are at the start and at the end).
 
+Turns are spawned by a task of the service nursery, never by the request task: a turn must not run
+in the request's context (its cancellation, its context variables, the request object they keep
+alive), and a client that leaves while its turn starts must not decide how the turn ends.
+
 How each final status arises, in ``_generate``:
 
     provider returned                         → complete     stop_reason = upstream finish_reason
@@ -46,6 +50,7 @@ How each final status arises, in ``_generate``:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -62,12 +67,24 @@ from ._turn import Outcome, Status, StopReason, Turn
 log = logging.getLogger("chatsrv.engine")
 
 
+# A turn whose stream no client starts reading within this time has nobody to stream to.
+_RELAY_ATTACH_S = 10.0
+
+
 @dataclass(frozen=True)
 class TurnRequest:
     conversation_id: str
     content: str
     model: str
     idempotency_key: str | None = None
+
+
+@dataclass(frozen=True)
+class _Start:
+    request: TurnRequest
+    # One-shot, buffered: the turn task hands back the Turn (or why there is none) without
+    # waiting, and learns from a closed channel that the requester has gone.
+    reply: trio.MemorySendChannel[Turn | Exception]
 
 
 class TurnEngine:
@@ -89,6 +106,9 @@ class TurnEngine:
         self._settings = settings
         self.owner = owner
         self._turns: dict[str, Turn] = {}
+        self._starting = 0  # turns asked for and not yet registered in _turns
+        # Unbounded: what waits here is bounded by the HTTP requests waiting in start_turn.
+        self._inbox_tx, self._inbox_rx = trio.open_memory_channel[_Start](math.inf)
         self._nursery: trio.Nursery | None = None
         self._drain_requested = trio.Event()
         self._idle = trio.Event()
@@ -103,19 +123,25 @@ class TurnEngine:
         """The running turn that writes this assistant message, if there is one."""
         return self._turns.get(message_id)
 
+    def running(self) -> list[str]:
+        """The assistant message ids of the turns running now."""
+        return list(self._turns)
+
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                nursery.start_soon(self._spawn_turns, nursery)
                 task_status.started()
                 try:
                     await self._drain_requested.wait()
-                    log.info("draining %d running turn(s)", len(self._turns))
+                    log.info("draining %d running turn(s)", len(self._turns) + self._starting)
                     with trio.move_on_after(self._settings.shutdown_grace_s):
-                        while self._turns:
+                        while self._turns or self._starting:
                             self._idle = trio.Event()
                             await self._idle.wait()
                 finally:
+                    self._inbox_tx.close()  # the spawner starts what is queued, then ends
                     # Grace is over, or this task was cancelled: stop what still runs. Each
                     # persister then saves what its turn produced, inside its own shield, and
                     # quickly: a shutdown does not wait out the full retry budget.
@@ -137,17 +163,64 @@ class TurnEngine:
         request's Idempotency-Key names a turn already started, ServiceUnavailable when draining,
         StoreUnavailable when the database cannot take the turn.
         """
-        if self._nursery is None or not self.accepting:
+        if not self.accepting:
             raise ServiceUnavailable("the server is shutting down; retry on another instance")
-        turn: Turn = await self._nursery.start(self._run, request)
-        return turn
+        reply_tx, reply_rx = trio.open_memory_channel[Turn | Exception](1)
+        self._starting += 1
+        self._inbox_tx.send_nowait(_Start(request, reply_tx))
+        with reply_rx:
+            result = await reply_rx.receive()
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    async def _spawn_turns(self, nursery: trio.Nursery) -> None:
+        async for start in self._inbox_rx:
+            nursery.start_soon(self._run, start)
 
     # -- the turn task ---------------------------------------------------------------------
 
-    async def _run(self, request: TurnRequest, *, task_status: trio.TaskStatus[Turn]) -> None:
-        # Until started() this runs in the caller's context. The insert is shielded so that a
-        # client leaving mid-request cannot leave behind a 'streaming' row that no turn owns;
-        # it is bounded because a shield without a deadline could hang shutdown.
+    async def _run(self, start: _Start) -> None:
+        with start.reply:
+            try:
+                try:
+                    turn, history = await self._begin(start.request)
+                except Exception as exc:
+                    # Told to the requester, if it is still there (the buffer has room for it).
+                    with contextlib.suppress(trio.BrokenResourceError):
+                        start.reply.send_nowait(exc)
+                    return
+                self._turns[turn.message_id] = turn
+            finally:
+                self._starting -= 1
+                self._maybe_idle()
+            if self._stopping:
+                turn.stop(StopReason.SERVER_SHUTDOWN)
+            try:
+                start.reply.send_nowait(turn)
+            except trio.BrokenResourceError:
+                turn.stop(StopReason.CLIENT_DISCONNECTED)  # the client left while it started
+
+        prompt = Prompt(model=start.request.model, messages=history)
+        # Unbounded on purpose: the generation must never wait on persistence. The buffer holds
+        # at most the reply itself, which the persister keeps anyway.
+        deltas_tx, deltas_rx = trio.open_memory_channel[str](math.inf)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._persister.run, turn, deltas_rx)
+                nursery.start_soon(self._expect_a_relay, turn)
+                with deltas_tx:
+                    await self._generate(turn, prompt, deltas_tx)
+                # The generation is over; only the (shielded) persister is left to wait for.
+                nursery.cancel_scope.cancel(reason="the generation has ended")
+        finally:
+            del self._turns[turn.message_id]
+            self._maybe_idle()
+
+    async def _begin(self, request: TurnRequest) -> tuple[Turn, list[dict[str, str]]]:
+        """Insert the turn's rows; the Turn, and the prompt's messages."""
+        # Shielded so that a shutdown arriving mid-insert cannot leave behind a 'streaming' row
+        # that no turn owns; bounded because a shield without a deadline could hang shutdown.
         with trio.move_on_after(self._settings.db_timeout_s, shield=True) as starting:
             begun = await self._store.begin_turn(
                 request.conversation_id,
@@ -163,7 +236,6 @@ class TurnEngine:
             raise NotFound("conversation not found")
         if begun.existing:
             raise ExistingTurn(begun.user_message, begun.assistant_message)
-
         turn = Turn(
             conversation_id=request.conversation_id,
             user_message_id=begun.user_message["id"],
@@ -172,24 +244,19 @@ class TurnEngine:
             deadline=trio.current_time() + self._settings.turn_deadline_s,
             on_orphaned=self._orphaned,
         )
-        self._turns[turn.message_id] = turn
-        if self._stopping:
-            turn.stop(StopReason.SERVER_SHUTDOWN)
-        task_status.started(turn)
+        return turn, begun.history
 
-        prompt = Prompt(model=request.model, messages=begun.history)
-        # Unbounded on purpose: the generation must never wait on persistence. The buffer holds
-        # at most the reply itself, which the persister keeps anyway.
-        deltas_tx, deltas_rx = trio.open_memory_channel[str](math.inf)
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._persister.run, turn, deltas_rx)
-                with deltas_tx:
-                    await self._generate(turn, prompt, deltas_tx)
-        finally:
-            del self._turns[turn.message_id]
-            if not self._turns:
-                self._idle.set()
+    async def _expect_a_relay(self, turn: Turn) -> None:
+        """A turn no client starts reading (its response never began) has nobody to stream to."""
+        with trio.move_on_after(_RELAY_ATTACH_S):
+            await turn.relayed.wait()
+            return
+        log.info("turn %s: no client read its stream", turn.message_id)
+        turn.stop(StopReason.CLIENT_DISCONNECTED)
+
+    def _maybe_idle(self) -> None:
+        if not self._turns and not self._starting:
+            self._idle.set()
 
     async def _generate(
         self, turn: Turn, prompt: Prompt, deltas: trio.MemorySendChannel[str]
@@ -209,10 +276,10 @@ class TurnEngine:
                 Status.INTERRUPTED, turn.stop_reason or StopReason.SERVER_SHUTDOWN
             )
             raise
-        except Exception as exc:
+        except Exception:
             log.exception("turn %s: generation failed", turn.message_id)
             turn.outcome = Outcome(
-                Status.FAILED, StopReason.INTERNAL_ERROR, "internal_error", repr(exc)
+                Status.FAILED, StopReason.INTERNAL_ERROR, "internal_error", "internal error"
             )
             return
 

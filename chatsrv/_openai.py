@@ -182,6 +182,10 @@ async def _read_stream(lines: AsyncGenerator[str, None], emit: Callable[[str], N
                 code="upstream_protocol",
             ) from exc
         if content:
+            if "\x00" in content:
+                # Legal in JSON, refused by PostgreSQL's text: replace it before it reaches a
+                # client, so that what is relayed is what is stored.
+                content = content.replace("\x00", "\ufffd")
             emit(content)
     else:
         if finish_reason is None:

@@ -37,6 +37,7 @@ log = logging.getLogger("chatsrv.persister")
 
 # How long appending a record to the journal may take (a write and an fsync).
 _JOURNAL_DEADLINE_S = 10.0
+_BACKSTOP_MARGIN_S = 30.0
 
 
 class Persister:
@@ -67,8 +68,16 @@ class Persister:
 
     async def run(self, turn: Turn, deltas: trio.MemoryReceiveChannel[str]) -> None:
         """The persister task of ``turn``: hold, commit, journal; then finish the turn."""
+        # The shield's deadline is a backstop: the hold ends when the generation does (at its
+        # own deadline at the latest), and the commit and the journal are bounded on their own.
+        backstop = (
+            turn.generation_scope.deadline
+            + self._settings.persist_retry_s
+            + _JOURNAL_DEADLINE_S
+            + _BACKSTOP_MARGIN_S
+        )
         try:
-            with trio.CancelScope(shield=True):
+            with trio.CancelScope(shield=True, deadline=backstop):
                 await self._hold(turn, deltas)
                 await self._commit(turn)
                 if not turn.persisted:
@@ -83,7 +92,15 @@ class Persister:
             nursery.start_soon(self._checkpoints, turn)
             with deltas:
                 async for text in deltas:
-                    turn.append(text)
+                    # Take every delta already waiting, so that relays wake once for all of
+                    # them and send them as one event.
+                    batch = [text]
+                    while True:
+                        try:
+                            batch.append(deltas.receive_nowait())
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                    turn.extend(batch)
             # A checkpoint cut short here is harmless: it only ever updates a row that is still
             # 'streaming', so it can never land over the final commit that follows.
             nursery.cancel_scope.cancel()

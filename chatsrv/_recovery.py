@@ -21,6 +21,7 @@ import logging
 import os
 import secrets
 import socket
+from collections.abc import Callable
 
 import trio
 
@@ -36,11 +37,14 @@ def new_instance_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
-async def keep_leases(store: Store, owner: str, *, lease_s: float) -> None:
+async def keep_leases(
+    store: Store, owner: str, running: Callable[[], list[str]], *, lease_s: float
+) -> None:
+    """Renew the leases of the turns ``running()`` names, every third of a lease."""
     while True:
         await trio.sleep(lease_s / 3)
         try:
-            await store.renew_leases(owner, lease_s=lease_s)
+            await store.renew_leases(owner, running(), lease_s=lease_s)
         except StoreError as exc:
             log.warning("could not renew this process's leases: %s", exc)
 

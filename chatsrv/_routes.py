@@ -35,6 +35,14 @@ class _Body(BaseModel):
     # ignored so that clients may send more than this version reads.
     model_config = ConfigDict(strict=True, extra="ignore")
 
+    @field_validator("*")
+    @classmethod
+    def _no_nul(cls, value: object) -> object:
+        # PostgreSQL's text cannot hold U+0000; refuse it on every store alike.
+        if isinstance(value, str) and "\x00" in value:
+            raise ValueError("must not contain the NUL character")
+        return value
+
 
 class NewConversation(_Body):
     title: str | None = Field(None, max_length=1000)

@@ -66,7 +66,13 @@ async def run_service(
                 await nursery.start(engine.serve)
                 every = settings.sweep_interval_s
                 nursery.start_soon(
-                    partial(recovery.keep_leases, store, instance_id, lease_s=settings.lease_s)
+                    partial(
+                        recovery.keep_leases,
+                        store,
+                        instance_id,
+                        engine.running,
+                        lease_s=settings.lease_s,
+                    )
                 )
                 nursery.start_soon(partial(recovery.sweep_forever, store, interval_s=every))
                 nursery.start_soon(

@@ -80,6 +80,9 @@ class TurnStart:
     existing: bool = False
 
 
+# Rows per lease-renewing UPDATE (a bound on the statement's parameters).
+_LEASE_BATCH: Final = 500
+
 # How long an Idempotency-Key names its turn.
 IDEMPOTENCY_WINDOW: Final = timedelta(hours=24)
 
@@ -206,9 +209,17 @@ class Store:
             return False
         return await self._call(self._checkpoint(mid, content, owner, lease_s))
 
-    async def renew_leases(self, owner: str, *, lease_s: float) -> int:
-        """Extend the lease of every row ``owner`` is streaming; return how many."""
-        return await self._call(self._renew_leases(owner, lease_s))
+    async def renew_leases(self, owner: str, message_ids: list[str], *, lease_s: float) -> int:
+        """Extend the lease of the rows ``owner`` is streaming now; return how many.
+
+        Only the ids given: a row whose turn never started (its insert outlived a timeout)
+        must be left to expire and be swept.
+        """
+        ids = [mid for mid in map(_parse_id, message_ids) if mid is not None]
+        if not ids:
+            await trio.lowlevel.checkpoint()
+            return 0
+        return await self._call(self._renew_leases(owner, ids, lease_s))
 
     async def sweep(self) -> int:
         """Mark streaming rows whose lease expired (their process died) 'interrupted' with
@@ -421,15 +432,22 @@ class Store:
             result = await conn.execute(statement)
         return result.rowcount > 0
 
-    async def _renew_leases(self, owner: str, lease_s: float) -> int:
-        statement = (
-            update(messages)
-            .where(messages.c.status == "streaming", messages.c.owner == owner)
-            .values(lease_expires_at=_CLOCK.now() + timedelta(seconds=lease_s))
-        )
+    async def _renew_leases(self, owner: str, ids: list[str], lease_s: float) -> int:
+        expires = _CLOCK.now() + timedelta(seconds=lease_s)
+        renewed = 0
         async with self._writer.begin() as conn:
-            result = await conn.execute(statement)
-        return result.rowcount
+            for start in range(0, len(ids), _LEASE_BATCH):
+                statement = (
+                    update(messages)
+                    .where(
+                        messages.c.id.in_(ids[start : start + _LEASE_BATCH]),
+                        messages.c.status == "streaming",
+                        messages.c.owner == owner,
+                    )
+                    .values(lease_expires_at=expires)
+                )
+                renewed += (await conn.execute(statement)).rowcount
+        return renewed
 
     async def _sweep(self) -> int:
         now = _CLOCK.now()

@@ -71,6 +71,7 @@ class Turn:
         self.generation_scope = trio.CancelScope(deadline=deadline)
         self.stop_reason: str | None = None  # why stop() was called, if it was
         self._changed = trio.Event()
+        self.relayed = trio.Event()  # set when the first relay attaches
         self._relays = 0
         self._on_orphaned = on_orphaned
 
@@ -86,9 +87,10 @@ class Turn:
 
     # -- the persister's side --------------------------------------------------------------
 
-    def append(self, text: str) -> None:
-        self.chunks.append(text)
-        self.length += len(text)
+    def extend(self, texts: list[str]) -> None:
+        """Append deltas that arrived together; relays are woken once for all of them."""
+        self.chunks.extend(texts)
+        self.length += sum(map(len, texts))
         self._notify()
 
     def finish(self) -> None:
@@ -107,6 +109,7 @@ class Turn:
 
     def attach(self) -> None:
         self._relays += 1
+        self.relayed.set()
 
     def detach(self) -> None:
         """A relay is gone. When the last one leaves an unfinished turn, nobody is listening."""

@@ -1,9 +1,11 @@
 """The ASGI application: ``hypercorn -c hypercorn.toml "chatsrv.app:create_app()"``.
 
-``create_app`` builds a Quart-Trio app whose lifespan runs the service (store, provider, turn
-engine) in quart-trio's app nursery. quart-trio cancels that nursery *before* it runs the
-``after_serving`` hooks, so the hook below waits — shielded, bounded — until the service has
-drained every turn and closed the database, and shutdown cannot outrun a persister.
+``create_app`` builds a Quart-Trio app whose lifespan runs the service (store, journal, provider,
+turn engine) in quart-trio's app nursery. At lifespan shutdown quart-trio gives that nursery a
+deadline (``BACKGROUND_TASK_SHUTDOWN_TIMEOUT``) and runs the ``after_serving`` hooks at once; the
+hook below stops the service and waits — shielded, bounded — until it has drained every turn and
+closed the database, and the nursery's deadline is set past that bound, so shutdown cannot outrun
+a persister.
 """
 
 from __future__ import annotations
@@ -34,9 +36,11 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
     settings = settings if settings is not None else Settings()
     _configure_logging(settings)
     app = QuartTrio(__name__)
-    # A body larger than the longest message could be (4 bytes a character, JSON-escaped text
-    # aside) is refused with 413 before it is read; the message's own limit is checked after.
-    app.config["MAX_CONTENT_LENGTH"] = settings.max_message_chars * 4 + _BODY_OVERHEAD_BYTES
+    # A body larger than the longest message could be — 12 bytes a character, a character
+    # outside the BMP escaped as two \uXXXX — is refused with 413 before it is read; the
+    # message's own limit, in characters, is checked after parsing (422).
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_message_chars * 12 + _BODY_OVERHEAD_BYTES
+    app.config["BACKGROUND_TASK_SHUTDOWN_TIMEOUT"] = _stop_bound(settings) + 1.0
     app.config["JSON_SORT_KEYS"] = False
     app.extensions["chatsrv.settings"] = settings
     app.register_blueprint(api)
@@ -55,7 +59,7 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
         if service is None:
             return
         service.stop()
-        bound = settings.shutdown_grace_s + settings.persist_grace_s + settings.db_timeout_s
+        bound = _stop_bound(settings)
         with trio.move_on_after(bound, shield=True):
             await service.closed.wait()
         if not service.closed.is_set():
@@ -78,6 +82,12 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
         return _error_response(500, body)
 
     return app
+
+
+def _stop_bound(settings: Settings) -> float:
+    """The longest a stopping service may take: the turns' grace, their final commits, one more
+    database timeout for closing the pool, and the journal's fsync."""
+    return settings.shutdown_grace_s + settings.persist_grace_s + settings.db_timeout_s + 10.0
 
 
 def _error_response(status: int, body: dict[str, Any]) -> Response:

@@ -230,3 +230,18 @@ async def test_oversized_body_is_refused(start_chatsrv: Any) -> None:
     )
     assert_error(response, 413, "request_entity_too_large")
     assert await chatsrv.messages(conversation_id) == []
+
+
+async def test_nul_characters(chatsrv: Chatsrv, upstream: Any) -> None:
+    conversation_id = await chatsrv.new_conversation()
+    response = await chatsrv.client.post(
+        f"/v1/conversations/{conversation_id}/messages", json={"content": "a\x00b"}
+    )
+    assert_error(response, 422, "invalid_request")
+    assert await chatsrv.messages(conversation_id) == []
+
+    # From the upstream, where JSON allows it: replaced, so that what is relayed is stored.
+    upstream.script.tokens = ["x\x00", "y"]
+    stream = await chatsrv.stream(conversation_id)
+    assert stream.text == "x\ufffdy"
+    assert (await chatsrv.messages(conversation_id))[1]["content"] == "x\ufffdy"

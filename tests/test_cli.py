@@ -78,4 +78,5 @@ async def test_serve_with_embedded_defaults_then_ctrl_c(tmp_path: Path) -> None:
 def test_shipped_hypercorn_config_drains_before_hypercorn_closes_connections() -> None:
     config = Config.from_toml(REPO / "hypercorn.toml")
     assert config.worker_class == "trio"
-    assert config.graceful_timeout > Settings().shutdown_grace_s
+    defaults = Settings()
+    assert config.graceful_timeout > defaults.shutdown_grace_s + defaults.persist_grace_s

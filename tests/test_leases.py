@@ -59,7 +59,10 @@ async def test_sweep_takes_only_rows_whose_lease_expired(store: Store) -> None:
     )
     await trio.sleep(0.1)
     # The live process renews its leases; the dead one does not.
-    assert await store.renew_leases("alive", lease_s=30) == 1
+    alive_id = alive.assistant_message["id"]
+    assert (
+        await store.renew_leases("alive", [alive_id, dead.assistant_message["id"]], lease_s=30) == 1
+    )
 
     assert await store.sweep() == 1
 

@@ -31,7 +31,7 @@ async def test_waiting_deltas_go_out_as_one_event() -> None:
     events = relay(turn, heartbeat_s=15)
     assert (await events.__anext__()).startswith(b"event: start\n")
     for text in ("a", "bc", "déf"):
-        turn.append(text)
+        turn.extend([text])
     delta = await events.__anext__()
     assert delta == b'id: 6\nevent: delta\ndata: {"content":"abcd\xc3\xa9f"}\n\n'
     finish(turn)
@@ -54,7 +54,7 @@ async def test_relay_does_not_wait_to_batch(autojump_clock: trio.testing.MockClo
 
         nursery.start_soon(read_one)
         await trio.testing.wait_all_tasks_blocked()
-        turn.append("x")
+        turn.extend(["x"])
         start = trio.current_time()
     assert received == [b'id: 1\nevent: delta\ndata: {"content":"x"}\n\n']
     assert trio.current_time() == start
@@ -97,7 +97,7 @@ async def test_relay_leaving_a_finished_turn_orphans_nothing() -> None:
 
 async def test_failed_turn_sends_error_then_done() -> None:
     turn = make_turn()
-    turn.append("partial")
+    turn.extend(["partial"])
     turn.outcome = Outcome(Status.FAILED, "upstream_error", "upstream_status", "HTTP 500")
     turn.persisted = True
     turn.finish()

@@ -40,7 +40,7 @@ async def test_client_disconnect_after_k_deltas(chatsrv: Chatsrv, upstream: Any,
     with trio.fail_after(10):
         stream = await chatsrv.stream(conversation_id, disconnect_after=k, on_delta=one_more)
         assert len(stream.deltas) == k
-        # Nothing else is released: the heartbeat is what finds the client gone.
+        # Nothing else is released: the server learns of the close from the socket alone.
         await chatsrv.wait_finished(stream.message_id)
         await upstream.wait_disconnected()
 
@@ -116,8 +116,8 @@ async def test_upstream_refusing_before_the_first_token(
 async def test_drain_interrupts_running_turns_and_tells_their_clients(
     chatsrv: Chatsrv, upstream: Any
 ) -> None:
-    upstream.script.tokens = TOKENS
-    upstream.script.interval_s = 0.05
+    upstream.script.tokens = [f"x{i} " for i in range(400)]
+    upstream.script.interval_s = 0.05  # 20 s a reply: none can finish within the 1 s grace
     conversation_ids = [await chatsrv.new_conversation() for _ in range(5)]
     streams: list[Any] = []
     first_delta = trio.Semaphore(0)
