@@ -9,6 +9,7 @@ connections first and the replies are committed all the same.
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -26,10 +27,12 @@ TOKENS = [f"w{i} " for i in range(2000)]  # at 20 ms a token: 40 s, far beyond a
 
 
 @pytest.mark.parametrize(
-    ("grace_s", "graceful_timeout", "clients_get_done"),
+    ("grace_s", "graceful_timeout", "clients_get_done", "to_the_group"),
     [
-        pytest.param(1.0, 3.0, True, id="grace-within-graceful-timeout"),
-        pytest.param(5.0, 1.0, False, id="graceful-timeout-first"),
+        pytest.param(1.0, 3.0, True, False, id="grace-within-graceful-timeout"),
+        pytest.param(5.0, 1.0, False, False, id="graceful-timeout-first"),
+        # systemd's default KillMode, `kill -- -PGID`: the worker gets SIGTERM too.
+        pytest.param(1.0, 3.0, True, True, id="to-the-process-group"),
     ],
 )
 async def test_sigterm_commits_every_streaming_reply(
@@ -39,6 +42,7 @@ async def test_sigterm_commits_every_streaming_reply(
     grace_s: float,
     graceful_timeout: float,
     clients_get_done: bool,
+    to_the_group: bool,
 ) -> None:
     upstream.script.tokens = TOKENS
     upstream.script.interval_s = 0.02
@@ -80,7 +84,10 @@ async def test_sigterm_commits_every_streaming_reply(
                             clients.start_soon(client, conversation_id)
                         for _ in conversations:
                             await streaming.acquire()
-                        process.send_signal(signal.SIGTERM)
+                        if to_the_group:
+                            os.killpg(process.pid, signal.SIGTERM)
+                        else:
+                            process.send_signal(signal.SIGTERM)
                     assert await process.wait() == 0, server.output()
         finally:
             if process.returncode is None:
