@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import uuid
 from collections.abc import AsyncIterator, Coroutine
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import Any, Final, TypedDict, TypeVar
+from datetime import timedelta
+from typing import Any, Final, TypeVar
 
 import trio
 from sqlalchemy import Row, delete, exc, insert, inspect, select, text, update
@@ -33,6 +31,17 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from chatsrv._aio import AsyncioThread, BridgeClosed, open_asyncio_thread
 from chatsrv._database import create_engine, map_error
 from chatsrv._errors import StoreError
+from chatsrv._records import (
+    CLOCK,
+    Conversation,
+    Message,
+    NewTurn,
+    TurnStart,
+    conversation_record,
+    message_record,
+    new_message,
+    parse_id,
+)
 from chatsrv._tables import MESSAGE_STATUSES, TABLE_NAMES, conversations, messages
 from chatsrv._tables import schema_statements as _schema_statements
 
@@ -43,41 +52,6 @@ T = TypeVar("T")
 # The key of the transaction-scoped advisory lock that serialises schema application between
 # workers starting at once on PostgreSQL (any constant int64: "chatsrv1" in ASCII).
 _SCHEMA_LOCK_KEY: Final = 0x6368617473727631
-
-
-class Conversation(TypedDict):
-    id: str
-    title: str | None
-    model: str | None
-    system: str | None
-    created_at: str
-
-
-class Message(TypedDict):
-    id: str
-    conversation_id: str
-    role: str
-    content: str
-    status: str
-    stop_reason: str | None
-    error: str | None
-    model: str | None
-    usage: dict[str, Any] | None
-    created_at: str
-    updated_at: str
-    parent_id: str | None  # an assistant message: the user message it answers
-
-
-@dataclass(frozen=True)
-class TurnStart:
-    conversation: Conversation
-    user_message: Message
-    assistant_message: Message
-    # The upstream prompt: the system prompt if any, earlier messages with content, the new one.
-    history: list[dict[str, str]]
-    # True when the Idempotency-Key named a turn that already exists: the messages are that
-    # turn's, nothing was written, and the history is empty.
-    existing: bool = False
 
 
 # Rows per lease-renewing UPDATE (a bound on the statement's parameters).
@@ -145,7 +119,7 @@ class Store:
         return await self._call(self._list_conversations(limit))
 
     async def get_conversation(self, conversation_id: str) -> Conversation | None:
-        cid = _parse_id(conversation_id)
+        cid = parse_id(conversation_id)
         if cid is None:
             await trio.lowlevel.checkpoint()
             return None
@@ -153,7 +127,7 @@ class Store:
 
     async def delete_conversation(self, conversation_id: str) -> bool:
         """Delete a conversation and (by cascade) its messages; return whether it existed."""
-        cid = _parse_id(conversation_id)
+        cid = parse_id(conversation_id)
         if cid is None:
             await trio.lowlevel.checkpoint()
             return False
@@ -161,14 +135,14 @@ class Store:
 
     async def list_messages(self, conversation_id: str) -> list[Message] | None:
         """A conversation's messages in creation order; None if the conversation does not exist."""
-        cid = _parse_id(conversation_id)
+        cid = parse_id(conversation_id)
         if cid is None:
             await trio.lowlevel.checkpoint()
             return None
         return await self._call(self._list_messages(cid))
 
     async def get_message(self, message_id: str) -> Message | None:
-        mid = _parse_id(message_id)
+        mid = parse_id(message_id)
         if mid is None:
             await trio.lowlevel.checkpoint()
             return None
@@ -191,11 +165,11 @@ class Store:
         With an ``idempotency_key`` that already names a turn of this conversation (concurrent
         requests included), nothing is written and that turn is returned with ``existing``.
         """
-        cid = _parse_id(conversation_id)
+        cid = parse_id(conversation_id)
         if cid is None:
             await trio.lowlevel.checkpoint()
             return None
-        turn = _NewTurn(cid, content, model, owner, lease_s, idempotency_key)
+        turn = NewTurn(cid, content, model, owner, lease_s, idempotency_key)
         return await self._call(self._begin_turn(turn))
 
     async def checkpoint(
@@ -203,7 +177,7 @@ class Store:
     ) -> bool:
         """Save a streaming reply's content so far and renew its lease, in one UPDATE that only
         touches a row still 'streaming' and still ours (a final commit is never overwritten)."""
-        mid = _parse_id(message_id)
+        mid = parse_id(message_id)
         if mid is None:
             await trio.lowlevel.checkpoint()
             return False
@@ -215,7 +189,7 @@ class Store:
         Only the ids given: a row whose turn never started (its insert outlived a timeout)
         must be left to expire and be swept.
         """
-        ids = [mid for mid in map(_parse_id, message_ids) if mid is not None]
+        ids = [mid for mid in map(parse_id, message_ids) if mid is not None]
         if not ids:
             await trio.lowlevel.checkpoint()
             return 0
@@ -243,7 +217,7 @@ class Store:
         """
         if status not in MESSAGE_STATUSES:
             raise ValueError(f"unknown message status {status!r}")
-        mid = _parse_id(message_id)
+        mid = parse_id(message_id)
         if mid is None:
             await trio.lowlevel.checkpoint()
             return False
@@ -296,11 +270,11 @@ class Store:
             "title": title,
             "model": model,
             "system_prompt": system,
-            "created_at": _CLOCK.now(),
+            "created_at": CLOCK.now(),
         }
         async with self._writer.begin() as conn:
             await conn.execute(insert(conversations), row)
-        return _conversation(row)
+        return conversation_record(row)
 
     async def _list_conversations(self, limit: int) -> list[Conversation]:
         query = (
@@ -310,12 +284,12 @@ class Store:
         )
         async with self._engine.begin() as conn:
             rows = (await conn.execute(query)).mappings().all()
-        return [_conversation(row) for row in rows]
+        return [conversation_record(row) for row in rows]
 
     async def _get_conversation(self, cid: str) -> Conversation | None:
         async with self._engine.begin() as conn:
             row = await _select_conversation(conn, cid)
-        return None if row is None else _conversation(row)
+        return None if row is None else conversation_record(row)
 
     async def _delete_conversation(self, cid: str) -> bool:
         async with self._writer.begin() as conn:
@@ -331,14 +305,14 @@ class Store:
                 .where(messages.c.conversation_id == cid)
                 .order_by(messages.c.created_at, messages.c.id)
             )
-            return [_message(row) for row in rows.mappings()]
+            return [message_record(row) for row in rows.mappings()]
 
     async def _get_message(self, mid: str) -> Message | None:
         async with self._engine.begin() as conn:
             row = (await conn.execute(select(messages).where(messages.c.id == mid))).first()
-        return None if row is None else _message(row._mapping)
+        return None if row is None else message_record(row._mapping)
 
-    async def _begin_turn(self, turn: _NewTurn) -> TurnStart | None:
+    async def _begin_turn(self, turn: NewTurn) -> TurnStart | None:
         if turn.idempotency_key is not None:
             existing = await self._keyed_turn(turn.cid, turn.idempotency_key)
             if existing is not None:
@@ -354,7 +328,7 @@ class Store:
                 raise
             return existing
 
-    async def _insert_turn(self, turn: _NewTurn) -> TurnStart | None:
+    async def _insert_turn(self, turn: NewTurn) -> TurnStart | None:
         cid = turn.cid
         async with self._writer.begin() as conn:
             # FOR KEY SHARE (PostgreSQL): a concurrent delete waits for this turn to commit
@@ -368,9 +342,9 @@ class Store:
                 .order_by(messages.c.created_at, messages.c.id)
             )
             history = [{"role": role, "content": text_} for role, text_ in earlier]
-            user_at, assistant_at = _CLOCK.now(), _CLOCK.now()
-            user = _new_message(cid, "user", turn.content, "complete", None, user_at)
-            assistant = _new_message(cid, "assistant", "", "streaming", turn.model, assistant_at)
+            user_at, assistant_at = CLOCK.now(), CLOCK.now()
+            user = new_message(cid, "user", turn.content, "complete", None, user_at)
+            assistant = new_message(cid, "assistant", "", "streaming", turn.model, assistant_at)
             assistant.update(
                 parent_id=user["id"],
                 idempotency_key=turn.idempotency_key,
@@ -378,11 +352,11 @@ class Store:
                 lease_expires_at=assistant_at + timedelta(seconds=turn.lease_s),
             )
             await conn.execute(insert(messages), [user, assistant])
-        conversation = _conversation(conv)
+        conversation = conversation_record(conv)
         if conversation["system"]:
             history.insert(0, {"role": "system", "content": conversation["system"]})
         history.append({"role": "user", "content": turn.content})
-        return TurnStart(conversation, _message(user), _message(assistant), history)
+        return TurnStart(conversation, message_record(user), message_record(assistant), history)
 
     async def _keyed_turn(self, cid: str, key: str) -> TurnStart | None:
         async with self._engine.begin() as conn:
@@ -406,15 +380,15 @@ class Store:
         if user is None:  # the schema cannot say so, but nothing deletes one message alone
             raise StoreError(f"the user message of turn {assistant._mapping['id']} is missing")
         return TurnStart(
-            _conversation(conv),
-            _message(user._mapping),
-            _message(assistant._mapping),
+            conversation_record(conv),
+            message_record(user._mapping),
+            message_record(assistant._mapping),
             [],
             existing=True,
         )
 
     async def _checkpoint(self, mid: str, content: str, owner: str, lease_s: float) -> bool:
-        now = _CLOCK.now()
+        now = CLOCK.now()
         statement = (
             update(messages)
             .where(
@@ -433,7 +407,7 @@ class Store:
         return result.rowcount > 0
 
     async def _renew_leases(self, owner: str, ids: list[str], lease_s: float) -> int:
-        expires = _CLOCK.now() + timedelta(seconds=lease_s)
+        expires = CLOCK.now() + timedelta(seconds=lease_s)
         renewed = 0
         async with self._writer.begin() as conn:
             for start in range(0, len(ids), _LEASE_BATCH):
@@ -450,7 +424,7 @@ class Store:
         return renewed
 
     async def _sweep(self) -> int:
-        now = _CLOCK.now()
+        now = CLOCK.now()
         crashed = (
             update(messages)
             .where(messages.c.status == "streaming", messages.c.lease_expires_at < now)
@@ -479,7 +453,7 @@ class Store:
         statement = (
             update(messages)
             .where(messages.c.id == mid, messages.c.role == "assistant")
-            .values(**values, updated_at=_CLOCK.now())
+            .values(**values, updated_at=CLOCK.now())
         )
         async with self._writer.begin() as conn:
             result = await conn.execute(statement)
@@ -491,33 +465,6 @@ def _has_tables(conn: Connection) -> bool:
     return all(inspector.has_table(name) for name in TABLE_NAMES)
 
 
-# -- Rows -------------------------------------------------------------------------------------
-
-
-class _Clock:
-    """UTC timestamps, strictly increasing within the process: max(now, last + 1 µs)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._last = datetime.min.replace(tzinfo=UTC)
-
-    def now(self) -> datetime:
-        with self._lock:
-            self._last = max(datetime.now(UTC), self._last + timedelta(microseconds=1))
-            return self._last
-
-
-_CLOCK: Final = _Clock()
-
-
-def _parse_id(value: str) -> str | None:
-    """The canonical form of a UUID string, or None if it is not one."""
-    try:
-        return str(uuid.UUID(value))
-    except (ValueError, TypeError, AttributeError):
-        return None
-
-
 async def _select_conversation(
     conn: AsyncConnection, cid: str, *, lock: bool = False
 ) -> Row[Any] | None:
@@ -525,71 +472,3 @@ async def _select_conversation(
     if lock:
         query = query.with_for_update(read=True, key_share=True)
     return (await conn.execute(query)).first()
-
-
-@dataclass(frozen=True)
-class _NewTurn:
-    cid: str
-    content: str
-    model: str
-    owner: str
-    lease_s: float
-    idempotency_key: str | None
-
-
-def _new_message(
-    cid: str, role: str, content: str, status: str, model: str | None, at: datetime
-) -> dict[str, Any]:
-    return {
-        "id": str(uuid.uuid4()),
-        "conversation_id": cid,
-        "role": role,
-        "content": content,
-        "status": status,
-        "stop_reason": None,
-        "error": None,
-        "model": model,
-        "usage": None,
-        "created_at": at,
-        "updated_at": at,
-        "parent_id": None,
-        "idempotency_key": None,
-        "owner": None,
-        "lease_expires_at": None,
-    }
-
-
-def _iso(value: datetime) -> str:
-    """ISO 8601 in UTC with microseconds; SQLite hands back naive datetimes, which are UTC."""
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC).isoformat(timespec="microseconds")
-
-
-def _conversation(row: Any) -> Conversation:
-    if isinstance(row, Row):
-        row = row._mapping
-    return Conversation(
-        id=str(row["id"]),
-        title=row["title"],
-        model=row["model"],
-        system=row["system_prompt"],
-        created_at=_iso(row["created_at"]),
-    )
-
-
-def _message(row: Any) -> Message:
-    return Message(
-        id=str(row["id"]),
-        conversation_id=str(row["conversation_id"]),
-        role=row["role"],
-        content=row["content"],
-        status=row["status"],
-        stop_reason=row["stop_reason"],
-        error=row["error"],
-        model=row["model"],
-        usage=row["usage"],
-        created_at=_iso(row["created_at"]),
-        updated_at=_iso(row["updated_at"]),
-        parent_id=None if row["parent_id"] is None else str(row["parent_id"]),
-    )
