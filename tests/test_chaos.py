@@ -270,3 +270,29 @@ async def test_sigterm_with_the_database_unreachable_journals_then_replays_after
         assert (reply["status"], reply["stop_reason"]) == ("interrupted", "server_shutdown")
         assert reply["content"].startswith(streams[cid].text) and streams[cid].text
     assert list(journal_dir.glob("*.jsonl")) == [] or not restarted.service.journal.holds_records()
+
+
+@only_postgresql
+async def test_while_the_database_is_down_new_turns_get_503_and_readiness_fails(
+    start_chatsrv: StartChatsrv, upstream: Any, pg_proxy: ProxiedDatabase
+) -> None:
+    chatsrv = await start_chatsrv(database_url=pg_proxy.url, db_timeout_s=1.0)
+    conversation_id = await chatsrv.new_conversation()
+    pg_proxy.proxy.down()
+    with trio.fail_after(10):
+        response = await chatsrv.client.post(
+            f"/v1/conversations/{conversation_id}/messages", json={"content": "hi"}
+        )
+        assert response.status_code == 503
+        assert response.headers["retry-after"]
+        assert response.headers["content-type"].startswith("application/json")
+        assert response.json()["error"]["code"] == "storage_unavailable"
+        ready = await chatsrv.client.get("/readyz")
+        assert ready.status_code == 503
+        assert "database" in ready.json()["error"]["message"]
+    assert upstream.requests == []
+
+    pg_proxy.proxy.heal()
+    with trio.fail_after(10):
+        assert (await chatsrv.client.get("/readyz")).status_code == 200
+        assert await chatsrv.messages(conversation_id) == []
