@@ -29,13 +29,14 @@ retries, then the journal), so a dead database delays shutdown by at most
 ``CHATSRV_PERSIST_GRACE_S`` plus one fsync, never hangs it. ``_persister.py`` has the details.
 
 The relays read only what the persister already holds, so whatever reached a client is a prefix of
-what is stored, and they send ``done`` only after the final commit. Persistence never waits on a
+what is stored, and they send ``done`` only once the reply is saved. Persistence never waits on a
 client (the persister appends and notifies; it never awaits a relay), and no client waits on the
-database while deltas flow (the only writes are at the start and at the end).
+database while deltas flow (checkpoints run beside the deltas, never in their way).
 
 Turns are spawned by a task of the service nursery, never by the request task: a turn must not run
 in the request's context (its cancellation, its context variables, the request object they keep
-alive), and a client that leaves while its turn starts must not decide how the turn ends.
+alive). A client that leaves while its turn starts cannot cut the insert in half; its turn starts,
+finds nobody waiting, and ends at once as ``client_disconnected``.
 
 How each final status arises, in ``_generate``:
 
