@@ -76,7 +76,7 @@ _RELAY_ATTACH_S = 10.0
 class TurnRequest:
     conversation_id: str
     content: str
-    model: str
+    model: str | None = None  # else the conversation's, else the configured default
     idempotency_key: str | None = None
 
 
@@ -202,7 +202,7 @@ class TurnEngine:
             except trio.BrokenResourceError:
                 turn.stop(StopReason.CLIENT_DISCONNECTED)  # the client left while it started
 
-        prompt = Prompt(model=start.request.model, messages=history)
+        prompt = Prompt(model=turn.model, messages=history)
         # Unbounded on purpose: the generation must never wait on persistence. The buffer holds
         # at most the reply itself, which the persister keeps anyway.
         deltas_tx, deltas_rx = trio.open_memory_channel[str](math.inf)
@@ -227,6 +227,7 @@ class TurnEngine:
                 request.conversation_id,
                 content=request.content,
                 model=request.model,
+                default_model=self._settings.model,
                 owner=self.owner,
                 lease_s=self._settings.lease_s,
                 idempotency_key=request.idempotency_key,
@@ -241,7 +242,7 @@ class TurnEngine:
             conversation_id=request.conversation_id,
             user_message_id=begun.user_message["id"],
             message_id=begun.assistant_message["id"],
-            model=request.model,
+            model=begun.assistant_message["model"] or self._settings.model,
             deadline=trio.current_time() + self._settings.turn_deadline_s,
             on_orphaned=self._orphaned,
         )

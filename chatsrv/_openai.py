@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import ssl
-from collections.abc import AsyncGenerator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, cast
 
@@ -102,7 +102,7 @@ class OpenAIProvider:
                 stream=True,
                 stream_options={"include_usage": True},
             ) as response:
-                lines = cast(AsyncGenerator[str, None], response.iter_lines())
+                lines = _lines(response.http_response.aiter_bytes())
                 async with aclosing(lines):
                     try:
                         completion = await _read_stream(lines, emit)
@@ -204,6 +204,22 @@ async def _read_stream(lines: AsyncGenerator[str, None], emit: Callable[[str], N
 # Trio an async generator left for the garbage collector is a ResourceWarning (an error in our
 # tests), so every way out of ``_read_stream`` runs the whole chain to its end. An exception
 # raised inside the chain (a read error, a timeout, trio.Cancelled) ends it by itself.
+
+
+async def _lines(body: AsyncIterator[bytes]) -> AsyncGenerator[str, None]:
+    """The body's lines. One generator over the body's bytes, instead of the SDK's iter_lines on
+    httpx's aiter_lines on aiter_text: this loop runs once per token, and each layer costs."""
+    pending = b""
+    async for data in body:
+        pending += data
+        if b"\n" not in data:
+            continue
+        # Splitting bytes on b"\n" never cuts a UTF-8 sequence: no continuation byte is 0x0A.
+        *complete, pending = pending.split(b"\n")
+        for line in complete:
+            yield line.rstrip(b"\r").decode(errors="replace")
+    if pending:
+        yield pending.rstrip(b"\r").decode(errors="replace")
 
 
 async def _drain(lines: AsyncGenerator[str, None]) -> None:

@@ -78,7 +78,8 @@ def parse_id(value: str) -> str | None:
 class NewTurn:
     cid: str
     content: str
-    model: str
+    model: str | None
+    default_model: str
     owner: str
     lease_s: float
     idempotency_key: str | None

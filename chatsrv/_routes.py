@@ -173,14 +173,10 @@ async def post_message(conversation_id: str) -> Response:
     body = await _parse(NewMessage)
     if len(body.content) > service.settings.max_message_chars:
         raise InvalidRequest(f"content: at most {service.settings.max_message_chars} characters")
-    conversation = await service.store.get_conversation(conversation_id)
-    if conversation is None:
-        raise NotFound("conversation not found")
-    model = body.model or conversation["model"] or service.settings.model
     key = _idempotency_key()
     try:
         turn = await service.engine.start_turn(
-            TurnRequest(conversation_id, body.content, model, idempotency_key=key)
+            TurnRequest(conversation_id, body.content, body.model, idempotency_key=key)
         )
     except ExistingTurn as existing:
         if existing.user_message["content"] != body.content:

@@ -153,14 +153,16 @@ class Store:
         conversation_id: str,
         *,
         content: str,
-        model: str,
+        model: str | None,
+        default_model: str,
         owner: str,
         lease_s: float,
         idempotency_key: str | None = None,
     ) -> TurnStart | None:
         """In one transaction: read the history and insert the user message ('complete') and the
         assistant message ('streaming', empty, owned by ``owner`` for ``lease_s``). None, and
-        nothing written, if the conversation does not exist.
+        nothing written, if the conversation does not exist. The reply's model is ``model``, else
+        the conversation's, else ``default_model``; the assistant message records it.
 
         With an ``idempotency_key`` that already names a turn of this conversation (concurrent
         requests included), nothing is written and that turn is returned with ``existing``.
@@ -169,7 +171,7 @@ class Store:
         if cid is None:
             await trio.lowlevel.checkpoint()
             return None
-        turn = NewTurn(cid, content, model, owner, lease_s, idempotency_key)
+        turn = NewTurn(cid, content, model, default_model, owner, lease_s, idempotency_key)
         return await self._call(self._begin_turn(turn))
 
     async def checkpoint(
@@ -344,7 +346,8 @@ class Store:
             history = [{"role": role, "content": text_} for role, text_ in earlier]
             user_at, assistant_at = CLOCK.now(), CLOCK.now()
             user = new_message(cid, "user", turn.content, "complete", None, user_at)
-            assistant = new_message(cid, "assistant", "", "streaming", turn.model, assistant_at)
+            model = turn.model or conv._mapping["model"] or turn.default_model
+            assistant = new_message(cid, "assistant", "", "streaming", model, assistant_at)
             assistant.update(
                 parent_id=user["id"],
                 idempotency_key=turn.idempotency_key,

@@ -18,6 +18,7 @@ async def begin(
         conversation_id,
         content="hi",
         model="m",
+        default_model="d",
         owner=owner,
         lease_s=lease_s,
         idempotency_key=key,

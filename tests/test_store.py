@@ -36,7 +36,7 @@ ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}\+00:00$")
 
 
 # The owner and lease every test turn is begun with.
-LEASE = {"owner": "test-owner", "lease_s": 30.0}
+LEASE = {"owner": "test-owner", "lease_s": 30.0, "default_model": "default-model"}
 
 
 async def execute(store: Store, *statements: str) -> list[Any]:
