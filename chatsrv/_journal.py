@@ -8,9 +8,11 @@ idempotent UPDATE by id, so a record applied twice (a crash between applying and
 no harm. A reply is lost only if both the database and this disk are lost.
 
 Each process appends to a file of its own, ``<instance id>.jsonl`` in ``CHATSRV_JOURNAL_DIR``,
-and holds an exclusive ``flock`` on it for as long as it lives. A replayer takes over another
-process's file only if it can lock it, that is, only once that process is gone: several workers
-may share one directory, and a file is never read while its owner may still append to it.
+and holds an exclusive ``flock`` on it for as long as it lives. To replay its own records, a
+process renames the file aside (``<instance id>.<n>.jsonl``) and starts a new one, so appends never
+wait for the database. A replayer takes over any other file only if it can lock it, that is, only
+once no live process holds it: several workers may share one directory, and a file is never read
+while its owner may still append to it.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class Journal:
         self._lock = trio.Lock()
         self._file: BinaryIO | None = None
         self._pending = 0  # records in this process's file
+        self._rotations = 0  # files this process's records were moved to for replay
 
     async def open(self) -> None:
         """Create the directory and this process's file, and lock the file for our lifetime."""
@@ -117,30 +120,30 @@ class Journal:
         ``apply`` raises when the database cannot take a record: replay stops there, and what
         was not applied stays on disk for the next attempt. Returns how many were applied.
         """
-        applied = 0
+        # This process's records move to a file of their own first, under the lock but without
+        # waiting on the database: a persister appending meanwhile never waits for a replay.
         async with self._lock:
-            for path in self.files():
-                if path == self.path:
-                    applied += await self._replay_own(apply)
-                else:
-                    applied += await self._replay_orphan(path, apply)
+            await trio.to_thread.run_sync(self._rotate)
+        applied = 0
+        for path in self.files():
+            if path != self.path:
+                applied += await self._replay_file(path, apply)
         return applied
 
-    async def _replay_own(self, apply: Apply) -> int:
-        file = self._file
-        if file is None or (self._pending == 0 and file.tell() == 0):
-            return 0
-        records = await trio.to_thread.run_sync(_read, self.path)
-        for record in records:
-            await apply(record)
-        await trio.to_thread.run_sync(_truncate, file)
+    def _rotate(self) -> None:
+        if self._file is None or self._pending == 0:
+            return
+        self._rotations += 1
+        os.rename(self.path, self.path.with_suffix(f".{self._rotations}.jsonl"))
+        full, self._file = self._file, None
+        full.close()  # its lock goes: from now on it is replayed like any abandoned file
+        self._open()
         self._pending = 0
-        return len(records)
 
-    async def _replay_orphan(self, path: Path, apply: Apply) -> int:
+    async def _replay_file(self, path: Path, apply: Apply) -> int:
         file = await trio.to_thread.run_sync(_lock_if_abandoned, path)
         if file is None:
-            return 0  # its process is alive
+            return 0  # its process is alive, or another replay has it
         try:
             records = await trio.to_thread.run_sync(_read, path)
             for record in records:
@@ -148,7 +151,8 @@ class Journal:
             await trio.to_thread.run_sync(path.unlink)
         finally:
             file.close()
-        log.info("replayed %d record(s) left by %s", len(records), path.name)
+        if records:
+            log.info("replayed %d record(s) from %s", len(records), path.name)
         return len(records)
 
 
@@ -173,12 +177,6 @@ def _read(path: Path) -> list[FinalRecord]:
             # A line torn by a crash mid-write: everything before it was fsync-ed whole.
             log.error("%s:%d: skipping a damaged journal line", path, number)
     return records
-
-
-def _truncate(file: BinaryIO) -> None:
-    file.truncate(0)
-    file.seek(0)
-    os.fsync(file.fileno())
 
 
 def _lock_if_abandoned(path: Path) -> BinaryIO | None:

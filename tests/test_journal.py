@@ -8,6 +8,8 @@ from pathlib import Path
 
 import orjson
 import pytest
+import trio
+import trio.testing
 
 from chatsrv._errors import StoreUnavailable
 from chatsrv._journal import FinalRecord, Journal
@@ -128,3 +130,29 @@ def lock_from_another_process(path: Path) -> None:
     # process would.
     with open(path, "rb") as other:
         fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+async def test_appends_never_wait_for_a_replay(tmp_path: Path) -> None:
+    journal = Journal(tmp_path, "me")
+    await journal.open()
+    await journal.append(record(1))
+    database_answers = trio.Event()
+    applied: list[str] = []
+
+    async def slow_apply(r: FinalRecord) -> None:
+        await database_answers.wait()
+        applied.append(r.message_id)
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(journal.replay, slow_apply)
+            await trio.testing.wait_all_tasks_blocked()
+            # The replay waits on the database; a persister journaling now is not held up.
+            await journal.append(record(2))
+            database_answers.set()
+        assert applied == ["m1"]
+        assert journal.holds_records()
+        assert await journal.replay(slow_apply) == 1
+    assert applied == ["m1", "m2"]
+    assert not journal.holds_records()
+    await journal.close()
