@@ -24,7 +24,7 @@ from datetime import timedelta
 from typing import Any, Final, TypeVar
 
 import trio
-from sqlalchemy import Row, and_, delete, exc, insert, inspect, select, text, update
+from sqlalchemy import Row, delete, exc, insert, inspect, select, text, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -332,31 +332,18 @@ class Store:
 
     async def _insert_turn(self, turn: NewTurn) -> TurnStart | None:
         cid = turn.cid
-        # One read for the conversation and its history: the conversation's columns on every
-        # row, one row per earlier message with content (a single row of NULLs when none).
-        earlier = messages.alias("earlier")
-        read = (
-            select(conversations, earlier.c.role, earlier.c.content)
-            .select_from(
-                conversations.outerjoin(
-                    earlier,
-                    and_(earlier.c.conversation_id == conversations.c.id, earlier.c.content != ""),
-                )
-            )
-            .where(conversations.c.id == cid)
-            .order_by(earlier.c.created_at, earlier.c.id)
-            # FOR KEY SHARE OF the conversation (PostgreSQL): a concurrent delete waits for this
-            # turn to commit instead of failing its foreign key check.
-            .with_for_update(read=True, key_share=True, of=conversations)
-        )
         async with self._writer.begin() as conn:
-            rows = (await conn.execute(read)).all()
-            if not rows:
+            # FOR KEY SHARE (PostgreSQL): a concurrent delete waits for this turn to commit
+            # instead of failing its foreign key check.
+            conv = await _select_conversation(conn, cid, lock=True)
+            if conv is None:
                 return None
-            conv = rows[0]
-            history = [
-                {"role": row.role, "content": row.content} for row in rows if row.role is not None
-            ]
+            earlier = await conn.execute(
+                select(messages.c.role, messages.c.content)
+                .where(messages.c.conversation_id == cid, messages.c.content != "")
+                .order_by(messages.c.created_at, messages.c.id)
+            )
+            history = [{"role": role, "content": text_} for role, text_ in earlier]
             user_at, assistant_at = CLOCK.now(), CLOCK.now()
             user = new_message(cid, "user", turn.content, "complete", None, user_at)
             model = turn.model or conv._mapping["model"] or turn.default_model
@@ -481,5 +468,10 @@ def _has_tables(conn: Connection) -> bool:
     return all(inspector.has_table(name) for name in TABLE_NAMES)
 
 
-async def _select_conversation(conn: AsyncConnection, cid: str) -> Row[Any] | None:
-    return (await conn.execute(select(conversations).where(conversations.c.id == cid))).first()
+async def _select_conversation(
+    conn: AsyncConnection, cid: str, *, lock: bool = False
+) -> Row[Any] | None:
+    query = select(conversations).where(conversations.c.id == cid)
+    if lock:
+        query = query.with_for_update(read=True, key_share=True)
+    return (await conn.execute(query)).first()
