@@ -5,7 +5,8 @@ through the real openai SDK, and a real HTTP client with an SSE parser on the ot
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -18,6 +19,7 @@ import trio
 from httpx_sse import ServerSentEvent, aconnect_sse
 from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
+from sqlalchemy import event
 
 from chatsrv._service import Service
 from chatsrv._settings import Settings
@@ -112,6 +114,25 @@ class ApiClient:
                     raise
         return stream
 
+    async def stream_until(
+        self,
+        nursery: trio.Nursery,
+        conversation_id: str,
+        reached: Callable[[Stream], bool] = lambda stream: bool(stream.deltas),
+    ) -> Stream:
+        """Read a stream in ``nursery``; return it, still being read, once ``reached(stream)``
+        holds after a delta (by default: once the first delta has arrived)."""
+        stream = Stream(0)
+        done = trio.Event()
+
+        async def seen(_: int) -> None:
+            if reached(stream):
+                done.set()
+
+        nursery.start_soon(partial(self.stream, conversation_id, on_delta=seen, into=stream))
+        await done.wait()
+        return stream
+
 
 @dataclass
 class Chatsrv(ApiClient):
@@ -124,6 +145,17 @@ class Chatsrv(ApiClient):
     def service(self) -> Service:
         service: Service = self.extensions["chatsrv"]
         return service
+
+    @contextlib.contextmanager
+    def before_each_statement(self, hook: Callable[..., None]) -> Iterator[None]:
+        """Run ``hook`` (SQLAlchemy's ``before_cursor_execute``) before each statement the
+        server's store executes, inside this block: the seam for injecting database faults."""
+        engine = self.service.store._engine.sync_engine
+        event.listen(engine, "before_cursor_execute", hook)
+        try:
+            yield
+        finally:
+            event.remove(engine, "before_cursor_execute", hook)
 
     async def wait_finished(self, message_id: str) -> None:
         """Wait until the turn writing ``message_id`` has made its final commit."""

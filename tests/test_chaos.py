@@ -18,7 +18,6 @@ import httpx
 import orjson
 import pytest
 import trio
-from sqlalchemy import event
 
 from tests.db import terminate_backend
 from tests.faultproxy import ProxiedDatabase
@@ -55,17 +54,11 @@ async def test_database_unreachable_for_five_seconds_mid_stream(
     upstream.script.tokens = TOKENS[:200]
     upstream.script.interval_s = 0.04  # 8 s of reply
     conversation_id = await chatsrv.new_conversation()
-    stream = Stream(0)
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
-            twenty = trio.Event()
-
-            async def seen(received: int) -> None:
-                if received == 20:
-                    twenty.set()
-
-            nursery.start_soon(lambda: chatsrv.stream(conversation_id, on_delta=seen, into=stream))
-            await twenty.wait()
+            stream = await chatsrv.stream_until(
+                nursery, conversation_id, lambda s: len(s.deltas) == 20
+            )
             pg_proxy.proxy.down()
             before = len(stream.text)
             await trio.sleep(5)  # the outage: connections cut, new ones refused
@@ -95,13 +88,8 @@ async def test_connection_killed_during_a_checkpoint(
             if len(checkpoints) == 1:
                 terminate_backend(database_url, pid)
 
-    engine = chatsrv.service.store._engine.sync_engine
-    event.listen(engine, "before_cursor_execute", kill_first_checkpoint)
-    try:
-        with trio.fail_after(20):
-            stream = await chatsrv.stream(conversation_id)
-    finally:
-        event.remove(engine, "before_cursor_execute", kill_first_checkpoint)
+    with chatsrv.before_each_statement(kill_first_checkpoint), trio.fail_after(20):
+        stream = await chatsrv.stream(conversation_id)
 
     assert len(checkpoints) >= 2, "no checkpoint ran after the killed one"
     assert stream.done is not None and stream.done["status"] == "complete"
@@ -119,17 +107,10 @@ async def test_database_down_past_the_retry_budget_is_journaled_then_replayed(
     upstream.script.tokens = TOKENS[:5]
     upstream.script.gated = True
     conversation_id = await chatsrv.new_conversation()
-    stream = Stream(0)
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
-            first = trio.Event()
-
-            async def seen(received: int) -> None:
-                first.set()
-
             upstream.release(2)
-            nursery.start_soon(lambda: chatsrv.stream(conversation_id, on_delta=seen, into=stream))
-            await first.wait()
+            stream = await chatsrv.stream_until(nursery, conversation_id)
             pg_proxy.proxy.down()
             upstream.release(3)
         # The client got its `done` once the reply was safe in the journal.

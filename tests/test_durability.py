@@ -10,7 +10,7 @@ import orjson
 import pytest
 import trio
 
-from tests.server import Chatsrv, StartChatsrv, Stream
+from tests.server import Chatsrv, StartChatsrv
 
 TOKENS = [f"t{i} " for i in range(40)]
 
@@ -32,18 +32,12 @@ async def test_a_streaming_reply_is_checkpointed(
     upstream.script.tokens = TOKENS[:6]
     upstream.script.gated = True
     conversation_id = await chatsrv.new_conversation()
-    stream = Stream(0)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            three = trio.Event()
-
-            async def seen(received: int) -> None:
-                if stream.text == "".join(TOKENS[:3]):
-                    three.set()
-
             upstream.release(3)
-            nursery.start_soon(lambda: chatsrv.stream(conversation_id, on_delta=seen, into=stream))
-            await three.wait()
+            stream = await chatsrv.stream_until(
+                nursery, conversation_id, lambda s: s.text == "".join(TOKENS[:3])
+            )
             await wait_for_checkpoint(chatsrv, stream.message_id, "".join(TOKENS[:3]))
             upstream.release(3)
 
@@ -171,20 +165,11 @@ async def test_a_sweeper_never_takes_another_live_servers_rows(
     upstream.script.tokens = TOKENS[:3]
     upstream.script.gated = True
     conversation_id = await streaming.new_conversation()
-    stream = Stream(0)
 
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
-            first = trio.Event()
-
-            async def seen(received: int) -> None:
-                first.set()
-
             upstream.release(1)
-            nursery.start_soon(
-                lambda: streaming.stream(conversation_id, on_delta=seen, into=stream)
-            )
-            await first.wait()
+            stream = await streaming.stream_until(nursery, conversation_id)
             # Four lease periods, forty sweeps by the other server: real time has to pass.
             await trio.sleep(2.0)
             [_, reply] = await sweeping.messages(conversation_id)

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from functools import partial
 from typing import Any
 
 import pytest
 import trio
-from sqlalchemy import event
 
 from chatsrv import _recovery as recovery
 from tests.db import terminate_backend
-from tests.server import Chatsrv, StartChatsrv, Stream
+from tests.server import Chatsrv, StartChatsrv
 
 TOKENS = [f"tok{i} " for i in range(40)]
 
@@ -182,13 +180,8 @@ async def test_connection_killed_during_the_final_commit(
             terminated.append(pid)
             terminate_backend(database_url, pid)
 
-    engine = chatsrv.service.store._engine.sync_engine
-    event.listen(engine, "before_cursor_execute", kill_before_update)
-    try:
-        with trio.fail_after(20):
-            stream = await chatsrv.stream(conversation_id)
-    finally:
-        event.remove(engine, "before_cursor_execute", kill_before_update)
+    with chatsrv.before_each_statement(kill_before_update), trio.fail_after(20):
+        stream = await chatsrv.stream(conversation_id)
 
     assert terminated, "the fault was not injected"
     assert stream.done is not None and stream.done["status"] == "complete"
@@ -209,22 +202,14 @@ async def test_database_locked_during_the_final_commit(
     retried = trio.Event()
     handler = _RetryLogged(retried)
     logging.getLogger("chatsrv").addHandler(handler)
-    stream = Stream(0)
     locker = sqlite3.connect(path, isolation_level=None)
     try:
         with trio.fail_after(20):
             async with trio.open_nursery() as nursery:
                 upstream.release(2)
-                received_two = trio.Event()
-
-                async def seen(received: int) -> None:
-                    if len(stream.text) == len("".join(TOKENS[:2])):
-                        received_two.set()
-
-                nursery.start_soon(
-                    partial(chatsrv.stream, conversation_id, on_delta=seen, into=stream)
+                stream = await chatsrv.stream_until(
+                    nursery, conversation_id, lambda s: s.text == "".join(TOKENS[:2])
                 )
-                await received_two.wait()
                 locker.execute("BEGIN EXCLUSIVE")
                 upstream.release(1)
                 await retried.wait()
@@ -250,20 +235,11 @@ async def test_database_down_past_the_retry_budget_journals_then_replays(
     upstream.script.gated = True
     conversation_id = await chatsrv.new_conversation()
     locker = sqlite3.connect(database_url.split(":///", 1)[1], isolation_level=None)
-    stream = Stream(0)
     try:
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
-                first = trio.Event()
-
-                async def seen(received: int) -> None:
-                    first.set()
-
                 upstream.release(1)
-                nursery.start_soon(
-                    partial(chatsrv.stream, conversation_id, on_delta=seen, into=stream)
-                )
-                await first.wait()
+                stream = await chatsrv.stream_until(nursery, conversation_id)
                 locker.execute("BEGIN EXCLUSIVE")
                 upstream.release(2)
             # The commit gave up after its budget; the reply is in the journal, on disk, and
@@ -296,15 +272,11 @@ async def test_no_database_write_per_token(chatsrv: Chatsrv, upstream: Any) -> N
     def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         statements.append(statement.lstrip().split(None, 1)[0].upper())
 
-    engine = chatsrv.service.store._engine.sync_engine
     per_turn = []
     for tokens in (TOKENS[:2], TOKENS[:40]):
         upstream.script.tokens = tokens
-        event.listen(engine, "before_cursor_execute", record)
-        try:
+        with chatsrv.before_each_statement(record):
             stream = await chatsrv.stream(conversation_id)
-        finally:
-            event.remove(engine, "before_cursor_execute", record)
         assert stream.text == "".join(tokens)
         per_turn.append([s for s in statements if s in ("INSERT", "UPDATE", "DELETE")])
         statements.clear()
