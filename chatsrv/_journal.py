@@ -67,10 +67,8 @@ class Journal:
 
     def _open(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        file = open(self.path, "ab")  # noqa: SIM115 (held open, and locked, until close)
-        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._file = _open_locked(self.path)
         _fsync_directory(self.directory)
-        self._file = file
 
     async def close(self) -> None:
         """Release the lock; remove the file if nothing is pending in it."""
@@ -103,7 +101,7 @@ class Journal:
 
     def files(self) -> list[Path]:
         """Every journal file in the directory, this process's included."""
-        return sorted(self.directory.glob("*.jsonl"))
+        return sorted(path for path in self.directory.glob("*.jsonl") if path.is_file())
 
     async def append(self, record: FinalRecord) -> None:
         """Write ``record`` durably: it is on disk (fsync) when this returns."""
@@ -134,26 +132,42 @@ class Journal:
         if self._file is None or self._pending == 0:
             return
         self._rotations += 1
+        # The new file is opened and locked first, under a name replay does not look at: if
+        # that fails, nothing has moved and appends go on into the old file.
+        fresh = _open_locked(self.path.with_suffix(".jsonl.new"))
         os.rename(self.path, self.path.with_suffix(f".{self._rotations}.jsonl"))
-        full, self._file = self._file, None
+        os.rename(self.path.with_suffix(".jsonl.new"), self.path)
+        _fsync_directory(self.directory)
+        full, self._file = self._file, fresh
         full.close()  # its lock goes: from now on it is replayed like any abandoned file
-        self._open()
         self._pending = 0
 
     async def _replay_file(self, path: Path, apply: Apply) -> int:
-        file = await trio.to_thread.run_sync(_lock_if_abandoned, path)
-        if file is None:
-            return 0  # its process is alive, or another replay has it
         try:
-            records = await trio.to_thread.run_sync(_read, path)
-            for record in records:
-                await apply(record)
-            await trio.to_thread.run_sync(path.unlink)
-        finally:
-            file.close()
+            file = await trio.to_thread.run_sync(_lock_if_abandoned, path)
+            if file is None:
+                return 0  # its process is alive, another replay has it, or it is gone
+            try:
+                records = await trio.to_thread.run_sync(_read, file, path)
+                for record in records:
+                    await apply(record)
+                await trio.to_thread.run_sync(path.unlink)
+            finally:
+                file.close()
+        except OSError:
+            log.exception("cannot replay %s; it stays for the next attempt", path)
+            return 0
         if records:
             log.info("replayed %d record(s) from %s", len(records), path.name)
         return len(records)
+
+    async def reject(self, record: FinalRecord, *, reason: str) -> None:
+        """Set aside a record the database refuses for good, in ``rejected.log`` beside the
+        journal (never replayed, never deleted): an operator decides what becomes of it."""
+        line = orjson.dumps({"reason": reason, **asdict(record)}) + b"\n"
+        log.critical("the database refuses a journaled reply (%s); set aside: %s", reason, line)
+        path = self.directory / "rejected.log"
+        await trio.to_thread.run_sync(_append_to, path, line)
 
 
 def _safe(instance_id: str) -> str:
@@ -166,29 +180,53 @@ def _append(file: BinaryIO, line: bytes) -> None:
     os.fsync(file.fileno())
 
 
-def _read(path: Path) -> list[FinalRecord]:
+def _open_locked(path: Path) -> BinaryIO:
+    file = open(path, "ab")  # noqa: SIM115 (held open, and locked, until closed)
+    try:
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BaseException:
+        file.close()
+        raise
+    return file
+
+
+def _append_to(path: Path, line: bytes) -> None:
+    with open(path, "ab") as file:
+        _append(file, line)
+
+
+def _read(file: BinaryIO, path: Path) -> list[FinalRecord]:
+    """The records of a locked file, read through its descriptor (its name may be gone)."""
     records = []
-    for number, line in enumerate(path.read_bytes().splitlines(), 1):
+    for number, line in enumerate(file.read().splitlines(), 1):
         if not line.strip():
             continue
         try:
             records.append(FinalRecord(**orjson.loads(line)))
-        except (orjson.JSONDecodeError, TypeError):
+        except (orjson.JSONDecodeError, TypeError, ValueError):
             # A line torn by a crash mid-write: everything before it was fsync-ed whole.
             log.error("%s:%d: skipping a damaged journal line", path, number)
     return records
 
 
 def _lock_if_abandoned(path: Path) -> BinaryIO | None:
+    """The file, open and locked, if no live process holds it and it is still in place."""
     try:
         file = open(path, "rb")  # noqa: SIM115 (returned to the caller, who closes it)
     except FileNotFoundError:
         return None
     try:
         fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.fstat(file.fileno()).st_nlink == 0:
+            # Another replay applied and removed it between our open and our lock.
+            file.close()
+            return None
     except BlockingIOError:
         file.close()
         return None
+    except BaseException:
+        file.close()
+        raise
     return file
 
 

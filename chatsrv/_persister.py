@@ -114,7 +114,7 @@ class Persister:
             content = turn.content
             try:
                 with trio.fail_after(self._settings.db_timeout_s):
-                    await self._store.checkpoint(
+                    written = await self._store.checkpoint(
                         turn.message_id,
                         content=content,
                         owner=self._owner,
@@ -122,8 +122,11 @@ class Persister:
                     )
             except (StoreError, trio.TooSlowError) as exc:
                 log.warning("turn %s: checkpoint failed (%r)", turn.message_id, exc)
-            else:
+                continue
+            if written:
                 saved = len(content)
+            else:  # the row is gone (its conversation was deleted) or was never ours
+                log.warning("turn %s: checkpoint found no row of ours", turn.message_id)
 
     async def _commit(self, turn: Turn) -> None:
         outcome = turn.outcome

@@ -5,12 +5,13 @@ Three periodic tasks, run by the service for as long as it lives:
 - **Leases.** Every row a process streams carries its ``owner`` (the process's instance id) and a
   lease expiry. Checkpoints renew a row's lease; ``keep_leases`` renews all of this process's
   rows every third of ``CHATSRV_LEASE_S``, so a row that is idle (a slow upstream) stays leased.
-- **Sweeper.** At startup and every ``CHATSRV_SWEEP_INTERVAL_S``, ``sweep`` marks streaming rows
-  whose lease expired — their process died (SIGKILL, OOM, power) — as ``interrupted`` with
-  stop_reason ``server_crash``, keeping their last checkpoint. A live process renews its leases,
-  so no sweeper, on any host, ever takes its rows.
-- **Replayer.** At startup and every sweep interval, ``replay`` applies the local journal's
-  records (final replies the database could not take in time) and removes them.
+- **Replayer and sweeper.** At startup and every ``CHATSRV_SWEEP_INTERVAL_S``,
+  ``recover_forever`` first applies the local journal's records (final replies the database
+  could not take in time) and removes them; then it marks other processes' streaming rows whose
+  lease expired — their process died (SIGKILL, OOM, power) — as ``interrupted`` with stop_reason
+  ``server_crash``, keeping their last checkpoint. A live process renews its leases, so no
+  sweeper takes its rows while it can reach the database; one that was cut off from it for
+  longer than a lease takes its rows back with its next checkpoint or renewal.
 
 Each task logs a failure and tries again at its next period: none of them may stop the service.
 """
@@ -49,23 +50,23 @@ async def keep_leases(
             log.warning("could not renew this process's leases: %s", exc)
 
 
-async def sweep_forever(store: Store, *, interval_s: float) -> None:
+async def recover_forever(journal: Journal, store: Store, owner: str, *, interval_s: float) -> None:
+    """At startup and every ``interval_s``: replay the journal, then sweep, then forget old
+    Idempotency-Keys. Replay comes first, so that a reply waiting in the journal is written
+    before a sweep could mark its row ``server_crash``."""
     while True:
         try:
-            swept = await store.sweep()
-        except StoreError as exc:
-            log.warning("sweep failed: %s", exc)
-        else:
+            await replay(journal, store)
+            swept = await store.sweep(owner)
             if swept:
-                log.warning(
-                    "marked %d reply(ies) of dead processes interrupted/server_crash", swept
-                )
-        await trio.sleep(interval_s)
-
-
-async def replay_forever(journal: Journal, store: Store, *, interval_s: float) -> None:
-    while True:
-        await replay(journal, store)
+                log.warning("marked %d reply(ies) of dead processes server_crash", swept)
+            await store.forget_idempotency_keys()
+        except StoreError as exc:
+            log.warning("recovery round stopped, the database is unavailable: %s", exc)
+        except Exception:
+            # Whatever this is (a damaged journal directory, a bug), it must not take the
+            # service down with it: log it, and try again next round.
+            log.exception("recovery round failed")
         await trio.sleep(interval_s)
 
 
@@ -84,14 +85,14 @@ async def replay(journal: Journal, store: Store) -> int:
             )
         except StoreUnavailable:
             raise
-        except StoreError:
-            # Not a passing failure: this record will never apply. Keep it in the log rather
-            # than block every record behind it forever.
-            log.critical("dropping a journal record the database refuses: %r", record)
+        except (StoreError, ValueError) as exc:
+            # Not a passing failure: this record will never apply. Set it aside, on disk,
+            # rather than block every record behind it forever.
+            await journal.reject(record, reason=str(exc))
 
     try:
         applied = await journal.replay(apply)
-    except StoreError as exc:
+    except StoreUnavailable as exc:
         log.warning("journal replay stopped, the database is unavailable: %s", exc)
         return 0
     if applied:

@@ -74,14 +74,17 @@ async def run_service(
                         lease_s=settings.lease_s,
                     )
                 )
-                nursery.start_soon(partial(recovery.sweep_forever, store, interval_s=every))
                 nursery.start_soon(
-                    partial(recovery.replay_forever, journal, store, interval_s=every)
+                    partial(recovery.recover_forever, journal, store, instance_id, interval_s=every)
                 )
                 task_status.started(service)
                 await service._stop.wait()
                 await engine.drained.wait()
                 nursery.cancel_scope.cancel(reason="the service is stopping")
+            # What this process journaled while draining goes to the database now if it can
+            # (bounded): on a host that is not coming back, nobody else would replay it.
+            with trio.move_on_after(settings.persist_grace_s):
+                await recovery.replay(journal, store)
     finally:
         if service is not None:
             service.closed.set()

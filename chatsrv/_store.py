@@ -23,8 +23,21 @@ from collections.abc import AsyncIterator, Coroutine
 from datetime import timedelta
 from typing import Any, Final, TypeVar
 
+import orjson
 import trio
-from sqlalchemy import Row, delete, exc, insert, inspect, select, text, update
+from sqlalchemy import (
+    ColumnElement,
+    Row,
+    and_,
+    delete,
+    exc,
+    insert,
+    inspect,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -197,11 +210,15 @@ class Store:
             return 0
         return await self._call(self._renew_leases(owner, ids, lease_s))
 
-    async def sweep(self) -> int:
-        """Mark streaming rows whose lease expired (their process died) 'interrupted' with
-        stop_reason 'server_crash', keeping their checkpointed content; forget Idempotency-Keys
-        older than 24 h. Return how many replies were swept."""
-        return await self._call(self._sweep())
+    async def sweep(self, sweeper: str) -> int:
+        """Mark streaming rows of other processes whose lease expired (their process died)
+        'interrupted' with stop_reason 'server_crash', keeping their checkpointed content.
+        Return how many replies were swept."""
+        return await self._call(self._sweep(sweeper))
+
+    async def forget_idempotency_keys(self) -> None:
+        """Forget the Idempotency-Keys older than 24 h."""
+        await self._call(self._forget_keys())
 
     async def finish_reply(
         self,
@@ -223,12 +240,15 @@ class Store:
         if mid is None:
             await trio.lowlevel.checkpoint()
             return False
+        # PostgreSQL's text and JSONB cannot hold U+0000. The content is cleaned where it
+        # enters (a client already has it); what else an upstream said is cleaned here, so that
+        # a final commit is never refused for good.
         values = {
             "content": content,
             "status": status,
-            "stop_reason": stop_reason,
-            "error": error,
-            "usage": usage,
+            "stop_reason": _without_nul(stop_reason),
+            "error": _without_nul(error),
+            "usage": _without_nul_json(usage),
             "owner": None,
             "lease_expires_at": None,
         }
@@ -369,7 +389,9 @@ class Store:
             assistant = (
                 await conn.execute(
                     select(messages).where(
-                        messages.c.conversation_id == cid, messages.c.idempotency_key == key
+                        messages.c.conversation_id == cid,
+                        messages.c.idempotency_key == key,
+                        messages.c.created_at >= CLOCK.now() - IDEMPOTENCY_WINDOW,
                     )
                 )
             ).first()
@@ -394,13 +416,11 @@ class Store:
         now = CLOCK.now()
         statement = (
             update(messages)
-            .where(
-                messages.c.id == mid,
-                messages.c.status == "streaming",
-                messages.c.owner == owner,
-            )
+            .where(messages.c.id == mid, _still_ours(owner))
             .values(
                 content=content,
+                status="streaming",
+                stop_reason=None,
                 updated_at=now,
                 lease_expires_at=now + timedelta(seconds=lease_s),
             )
@@ -416,41 +436,46 @@ class Store:
             for start in range(0, len(ids), _LEASE_BATCH):
                 statement = (
                     update(messages)
-                    .where(
-                        messages.c.id.in_(ids[start : start + _LEASE_BATCH]),
-                        messages.c.status == "streaming",
-                        messages.c.owner == owner,
-                    )
-                    .values(lease_expires_at=expires)
+                    .where(messages.c.id.in_(ids[start : start + _LEASE_BATCH]), _still_ours(owner))
+                    .values(status="streaming", stop_reason=None, lease_expires_at=expires)
                 )
                 renewed += (await conn.execute(statement)).rowcount
         return renewed
 
-    async def _sweep(self) -> int:
+    async def _sweep(self, sweeper: str) -> int:
         now = CLOCK.now()
         crashed = (
             update(messages)
-            .where(messages.c.status == "streaming", messages.c.lease_expires_at < now)
+            .where(
+                messages.c.status == "streaming",
+                messages.c.lease_expires_at < now,
+                # Never our own rows: this process is alive, whatever its leases say.
+                messages.c.owner != sweeper,
+            )
+            # The owner stays: should it be alive after all (stalled past its lease, cut off
+            # from the database), its next checkpoint or renewal takes the row back.
             .values(
                 status="interrupted",
                 stop_reason="server_crash",
-                owner=None,
                 lease_expires_at=None,
                 updated_at=now,
             )
         )
+        async with self._writer.begin() as conn:
+            swept = (await conn.execute(crashed)).rowcount
+        return swept
+
+    async def _forget_keys(self) -> None:
         forgotten = (
             update(messages)
             .where(
                 messages.c.idempotency_key.is_not(None),
-                messages.c.created_at < now - IDEMPOTENCY_WINDOW,
+                messages.c.created_at < CLOCK.now() - IDEMPOTENCY_WINDOW,
             )
             .values(idempotency_key=None)
         )
         async with self._writer.begin() as conn:
-            swept = (await conn.execute(crashed)).rowcount
             await conn.execute(forgotten)
-        return swept
 
     async def _finish_reply(self, mid: str, values: dict[str, Any]) -> bool:
         statement = (
@@ -475,3 +500,29 @@ async def _select_conversation(
     if lock:
         query = query.with_for_update(read=True, key_share=True)
     return (await conn.execute(query)).first()
+
+
+def _still_ours(owner: str) -> ColumnElement[bool]:
+    """A reply ``owner`` is streaming: its row is 'streaming', or was swept while ``owner`` was
+    cut off from the database (then the owner's next write takes it back)."""
+    return and_(
+        messages.c.owner == owner,
+        or_(
+            messages.c.status == "streaming",
+            and_(messages.c.status == "interrupted", messages.c.stop_reason == "server_crash"),
+        ),
+    )
+
+
+def _without_nul(text: str | None) -> str | None:
+    return text.replace("\x00", "\ufffd") if text and "\x00" in text else text
+
+
+def _without_nul_json(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    encoded = orjson.dumps(value)
+    if b"\\u0000" not in encoded:
+        return value
+    cleaned: dict[str, Any] = orjson.loads(encoded.replace(b"\\u0000", b"\\ufffd"))
+    return cleaned

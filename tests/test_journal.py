@@ -156,3 +156,33 @@ async def test_appends_never_wait_for_a_replay(tmp_path: Path) -> None:
     assert applied == ["m1", "m2"]
     assert not journal.holds_records()
     await journal.close()
+
+
+async def test_a_damaged_journal_directory_does_not_stop_recovery(tmp_path: Path) -> None:
+    (tmp_path / "stray.jsonl").mkdir()  # not a file: passed over
+    journal = Journal(tmp_path, "me")
+    await journal.open()
+    await journal.append(record(1))
+    applied: list[str] = []
+
+    async def apply(r: FinalRecord) -> None:
+        applied.append(r.message_id)
+
+    assert await journal.replay(apply) == 1
+    assert applied == ["m1"]
+    await journal.close()
+
+
+async def test_a_rejected_record_is_set_aside_not_lost(tmp_path: Path) -> None:
+    journal = Journal(tmp_path, "me")
+    await journal.open()
+    await journal.append(record(1))
+
+    async def refuse(r: FinalRecord) -> None:
+        await journal.reject(r, reason="refused")
+
+    assert await journal.replay(refuse) == 1
+    assert not journal.holds_records()
+    [line] = (tmp_path / "rejected.log").read_bytes().splitlines()
+    assert orjson.loads(line) == {"reason": "refused", **record(1).__dict__}
+    await journal.close()

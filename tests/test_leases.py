@@ -65,7 +65,7 @@ async def test_sweep_takes_only_rows_whose_lease_expired(store: Store) -> None:
         await store.renew_leases("alive", [alive_id, dead.assistant_message["id"]], lease_s=30) == 1
     )
 
-    assert await store.sweep() == 1
+    assert await store.sweep("sweeper") == 1
 
     swept = await store.get_message(dead.assistant_message["id"])
     assert swept is not None
@@ -76,14 +76,48 @@ async def test_sweep_takes_only_rows_whose_lease_expired(store: Store) -> None:
     )
     untouched = await store.get_message(alive.assistant_message["id"])
     assert untouched is not None and untouched["status"] == "streaming"
-    assert await store.sweep() == 0
+    assert await store.sweep("sweeper") == 0
+
+
+async def test_a_sweeper_never_takes_its_own_rows(store: Store) -> None:
+    turn = await begin(store, await new_conversation(store), owner="me", lease_s=0.01)
+    await trio.sleep(0.05)
+    assert await store.sweep("me") == 0
+    message = await store.get_message(turn.assistant_message["id"])
+    assert message is not None and message["status"] == "streaming"
+
+
+async def test_an_owner_cut_off_past_its_lease_takes_its_row_back(store: Store) -> None:
+    turn = await begin(store, await new_conversation(store), owner="slow", lease_s=0.01)
+    mid = turn.assistant_message["id"]
+    await trio.sleep(0.05)
+    assert await store.sweep("other") == 1
+    # Its next checkpoint finds the row swept, takes it back and saves the content.
+    assert await store.checkpoint(mid, content="more", owner="slow", lease_s=30)
+    message = await store.get_message(mid)
+    assert message is not None
+    assert (message["status"], message["stop_reason"], message["content"]) == (
+        "streaming",
+        None,
+        "more",
+    )
+    assert await store.sweep("other") == 0
+    # A renewal does the same.
+    assert await store.checkpoint(mid, content="more", owner="slow", lease_s=0.01)
+    await trio.sleep(0.05)
+    assert await store.sweep("other") == 1
+    assert await store.renew_leases("slow", [mid], lease_s=30) == 1
+    message = await store.get_message(mid)
+    assert message is not None and message["status"] == "streaming"
+    # Nobody else can take a swept row.
+    assert not await store.checkpoint(mid, content="no", owner="thief", lease_s=30)
 
 
 async def test_a_final_commit_after_a_sweep_wins(store: Store) -> None:
     turn = await begin(store, await new_conversation(store), owner="slow", lease_s=0.01)
     mid = turn.assistant_message["id"]
     await trio.sleep(0.05)
-    assert await store.sweep() == 1
+    assert await store.sweep("sweeper") == 1
     # The process was alive after all (stalled past its lease): its final commit still lands.
     assert await store.finish_reply(mid, content="all of it", status="complete", stop_reason="stop")
     message = await store.get_message(mid)
