@@ -91,9 +91,9 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
 
 
 def _stop_bound(settings: Settings) -> float:
-    """The longest a stopping service may take: the turns' grace, their final commits, one more
-    database timeout for closing the pool, and the journal's fsync."""
-    return settings.shutdown_grace_s + settings.persist_grace_s + settings.db_timeout_s + 10.0
+    """The longest a stopping service may take: the turns' grace, their final commits, the last
+    replay of the journal, one more database timeout for closing the pool, and the fsyncs."""
+    return settings.shutdown_grace_s + 2 * settings.persist_grace_s + settings.db_timeout_s + 10.0
 
 
 def _error_response(status: int, body: dict[str, Any]) -> Response:
