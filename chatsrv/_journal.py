@@ -60,6 +60,7 @@ class Journal:
         self._file: BinaryIO | None = None
         self._pending = 0  # records in this process's file
         self._rotations = 0  # files this process's records were moved to for replay
+        self._unreplayed: set[str] = set()  # message ids this process journaled, not yet applied
 
     async def open(self) -> None:
         """Create the directory and this process's file, and lock the file for our lifetime."""
@@ -81,6 +82,11 @@ class Journal:
         if file.tell() == 0:
             self.path.unlink(missing_ok=True)
         file.close()
+
+    def unreplayed(self) -> list[str]:
+        """The replies this process journaled and has not yet written to the database: their
+        rows are still this process's, and their leases are kept alive like a running turn's."""
+        return list(self._unreplayed)
 
     @property
     def pending(self) -> int:
@@ -111,6 +117,7 @@ class Journal:
                 raise RuntimeError("the journal is closed")
             await trio.to_thread.run_sync(_append, self._file, line)
             self._pending += 1
+            self._unreplayed.add(record.message_id)
 
     async def replay(self, apply: Apply) -> int:
         """Apply every record of every file that no live process holds; remove what was applied.
@@ -151,6 +158,7 @@ class Journal:
                 records = await trio.to_thread.run_sync(_read, file, path)
                 for record in records:
                     await apply(record)
+                    self._unreplayed.discard(record.message_id)
                 await trio.to_thread.run_sync(path.unlink)
             finally:
                 file.close()

@@ -65,13 +65,14 @@ async def run_service(
             async with trio.open_nursery() as nursery:
                 await nursery.start(engine.serve)
                 every = settings.sweep_interval_s
+
+                # Running turns, and replies waiting in the journal: no sweeper may take either.
+                def ours() -> list[str]:
+                    return engine.running() + journal.unreplayed()
+
                 nursery.start_soon(
                     partial(
-                        recovery.keep_leases,
-                        store,
-                        instance_id,
-                        engine.running,
-                        lease_s=settings.lease_s,
+                        recovery.keep_leases, store, instance_id, ours, lease_s=settings.lease_s
                     )
                 )
                 nursery.start_soon(

@@ -186,3 +186,20 @@ async def test_a_rejected_record_is_set_aside_not_lost(tmp_path: Path) -> None:
     [line] = (tmp_path / "rejected.log").read_bytes().splitlines()
     assert orjson.loads(line) == {"reason": "refused", **record(1).__dict__}
     await journal.close()
+
+
+async def test_unreplayed_replies_are_known_until_applied(tmp_path: Path) -> None:
+    journal = Journal(tmp_path, "me")
+    await journal.open()
+    await journal.append(record(1))
+    await journal.append(record(2))
+    assert sorted(journal.unreplayed()) == ["m1", "m2"]
+
+    async def apply_only_m1(r: FinalRecord) -> None:
+        if r.message_id != "m1":
+            raise StoreUnavailable("down")
+
+    with pytest.raises(StoreUnavailable):
+        await journal.replay(apply_only_m1)
+    assert journal.unreplayed() == ["m2"]
+    await journal.close()
