@@ -164,11 +164,15 @@ class TurnEngine:
         request's Idempotency-Key names a turn already started, ServiceUnavailable when draining,
         StoreUnavailable when the database cannot take the turn.
         """
+        unavailable = ServiceUnavailable("the server is shutting down; retry on another instance")
         if not self.accepting:
-            raise ServiceUnavailable("the server is shutting down; retry on another instance")
+            raise unavailable
         reply_tx, reply_rx = trio.open_memory_channel[Turn | Exception](1)
+        try:
+            self._inbox_tx.send_nowait(_Start(request, reply_tx))
+        except trio.ClosedResourceError:  # the engine was cancelled rather than drained
+            raise unavailable from None
         self._starting += 1
-        self._inbox_tx.send_nowait(_Start(request, reply_tx))
         with reply_rx:
             result = await reply_rx.receive()
         if isinstance(result, Exception):
