@@ -15,6 +15,13 @@ from chatsrv._errors import StoreUnavailable
 from chatsrv._journal import FinalRecord, Journal
 
 
+class Applied(list[str]):
+    """An ``apply`` for ``Journal.replay`` that records the message ids it is given."""
+
+    async def __call__(self, record: FinalRecord) -> None:
+        self.append(record.message_id)
+
+
 def record(n: int) -> FinalRecord:
     return FinalRecord(f"m{n}", f"content {n}", "interrupted", "server_shutdown", None, None)
 
@@ -53,12 +60,8 @@ async def test_a_failed_replay_keeps_every_record(tmp_path: Path) -> None:
     with pytest.raises(StoreUnavailable):
         await journal.replay(database_down)
     assert journal.holds_records()
-    applied: list[str] = []
-
-    async def apply(r: FinalRecord) -> None:
-        applied.append(r.message_id)
-
-    assert await journal.replay(apply) == 2
+    applied = Applied()
+    assert await journal.replay(applied) == 2
     assert applied == ["m1", "m2"]
     await journal.close()
 
@@ -74,12 +77,8 @@ async def test_a_dead_process_file_is_replayed_and_removed(tmp_path: Path) -> No
     journal = Journal(tmp_path, "me")
     await journal.open()
     assert journal.holds_records()
-    applied: list[str] = []
-
-    async def apply(r: FinalRecord) -> None:
-        applied.append(r.message_id)
-
-    assert await journal.replay(apply) == 1
+    applied = Applied()
+    assert await journal.replay(applied) == 1
     assert applied == ["m7"]
     assert not dead.path.exists()
     assert not journal.holds_records()
@@ -107,12 +106,8 @@ async def test_a_torn_last_line_is_skipped(tmp_path: Path) -> None:
     path.write_bytes(orjson.dumps(record(1).__dict__) + b"\n" + b'{"message_id": "m2", "con')
     journal = Journal(tmp_path, "me")
     await journal.open()
-    applied: list[str] = []
-
-    async def apply(r: FinalRecord) -> None:
-        applied.append(r.message_id)
-
-    assert await journal.replay(apply) == 1
+    applied = Applied()
+    assert await journal.replay(applied) == 1
     assert applied == ["m1"]
     await journal.close()
 
@@ -163,12 +158,8 @@ async def test_a_damaged_journal_directory_does_not_stop_recovery(tmp_path: Path
     journal = Journal(tmp_path, "me")
     await journal.open()
     await journal.append(record(1))
-    applied: list[str] = []
-
-    async def apply(r: FinalRecord) -> None:
-        applied.append(r.message_id)
-
-    assert await journal.replay(apply) == 1
+    applied = Applied()
+    assert await journal.replay(applied) == 1
     assert applied == ["m1"]
     await journal.close()
 
