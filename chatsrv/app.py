@@ -16,17 +16,20 @@ from typing import Any
 
 import orjson
 import trio
-from quart import Response
+from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from ._errors import ChatsrvError
+from ._errors import ChatsrvError, StoreError
 from ._hypercorn import watch_worker_shutdown, worker_shutdown_event
 from ._routes import api
 from ._service import Service, run_service
 from ._settings import Settings
 
 log = logging.getLogger("chatsrv")
+
+# What a client is told when the database fails; the details are logged.
+_STORE_TROUBLE = {503: "the database is unavailable; retry later"}
 
 # Room in a request body for the JSON around the message (and a model name).
 _BODY_OVERHEAD_BYTES = 64 * 1024
@@ -73,7 +76,13 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
 
     @app.errorhandler(ChatsrvError)
     async def chatsrv_error(error: ChatsrvError) -> Response:
-        return _error_response(error.status, error.to_json())
+        if not isinstance(error, StoreError):
+            return _error_response(error.status, error.to_json())
+        # A driver's message is for the operator: it goes to the log, once, and the client gets
+        # what it can act on.
+        log.warning("%s %s: %s", request.method, request.path, error.message)
+        message = _STORE_TROUBLE.get(error.status, "the database failed")
+        return _error_response(error.status, {"error": {"code": error.code, "message": message}})
 
     @app.errorhandler(HTTPException)
     async def http_error(error: HTTPException) -> Response:
