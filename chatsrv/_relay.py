@@ -40,15 +40,32 @@ def _event(name: str, data: dict[str, Any], *, event_id: int | None = None) -> b
     return head + b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
 
 
-def start_event(turn: Turn) -> bytes:
+def _start(message_id: str, user_message_id: str, conversation_id: str) -> bytes:
     return _event(
         "start",
         {
-            "message_id": turn.message_id,
-            "user_message_id": turn.user_message_id,
-            "conversation_id": turn.conversation_id,
+            "message_id": message_id,
+            "user_message_id": user_message_id,
+            "conversation_id": conversation_id,
         },
     )
+
+
+def _error(code: str, message: str) -> bytes:
+    return _event("error", {"error": {"code": code, "message": message}})
+
+
+def _done(
+    message_id: str, status: str, stop_reason: str | None, usage: dict[str, Any] | None
+) -> bytes:
+    done: dict[str, Any] = {"message_id": message_id, "status": status, "stop_reason": stop_reason}
+    if usage is not None:
+        done["usage"] = usage
+    return _event("done", done)
+
+
+def start_event(turn: Turn) -> bytes:
+    return _start(turn.message_id, turn.user_message_id, turn.conversation_id)
 
 
 def delta_event(text: str, length: int) -> bytes:
@@ -61,53 +78,28 @@ def closing_events(turn: Turn) -> bytes:
     assert outcome is not None, "a finished turn has an outcome"
     events = b""
     if outcome.error_code is not None:
-        message = outcome.error or outcome.error_code
-        events += _event("error", {"error": {"code": outcome.error_code, "message": message}})
+        events += _error(outcome.error_code, outcome.error or outcome.error_code)
     if not turn.persisted:
-        events += _event(
-            "error",
-            {
-                "error": {
-                    "code": "storage_unavailable",
-                    "message": "the reply could not be saved; it may be incomplete when read back",
-                }
-            },
+        events += _error(
+            "storage_unavailable",
+            "the reply could not be saved; it may be incomplete when read back",
         )
-    done: dict[str, Any] = {
-        "message_id": turn.message_id,
-        "status": outcome.status.value,
-        "stop_reason": outcome.stop_reason,
-    }
-    if outcome.usage is not None:
-        done["usage"] = outcome.usage
-    return events + _event("done", done)
+    done = _done(turn.message_id, outcome.status.value, outcome.stop_reason, outcome.usage)
+    return events + done
 
 
 def replayed(user_message: Mapping[str, Any], message: Mapping[str, Any]) -> bytes:
     """The events of a finished turn, rebuilt from its stored messages: what an idempotent retry
     receives. The reply comes as one delta."""
-    events = _event(
-        "start",
-        {
-            "message_id": message["id"],
-            "user_message_id": user_message["id"],
-            "conversation_id": message["conversation_id"],
-        },
-    )
+    events = _start(message["id"], user_message["id"], message["conversation_id"])
     content = message["content"]
     if content:
         events += delta_event(content, len(content))
     if message["status"] == "failed":
-        error = {"code": message["stop_reason"], "message": message["error"] or ""}
-        events += _event("error", {"error": error})
-    done: dict[str, Any] = {
-        "message_id": message["id"],
-        "status": message["status"],
-        "stop_reason": message["stop_reason"],
-    }
-    if message["usage"] is not None:
-        done["usage"] = message["usage"]
-    return events + _event("done", done)
+        events += _error(message["stop_reason"], message["error"] or "")
+    return events + _done(
+        message["id"], message["status"], message["stop_reason"], message["usage"]
+    )
 
 
 async def relay(turn: Turn, *, heartbeat_s: float) -> AsyncIterator[bytes]:
