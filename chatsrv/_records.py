@@ -40,7 +40,6 @@ class Message(TypedDict):
 
 @dataclass(frozen=True)
 class TurnStart:
-    conversation: Conversation
     user_message: Message
     assistant_message: Message
     # The upstream prompt: the system prompt if any, earlier messages with content, the new one.

@@ -28,14 +28,17 @@ import trio
 from sqlalchemy import (
     ColumnElement,
     Row,
+    Select,
     and_,
     delete,
     exc,
     insert,
     inspect,
+    literal,
     or_,
     select,
     text,
+    union_all,
     update,
 )
 from sqlalchemy.engine import Connection
@@ -342,31 +345,29 @@ class Store:
         try:
             return await self._insert_turn(turn)
         except exc.IntegrityError:
-            # A concurrent request with the same key inserted its turn first.
-            if turn.idempotency_key is None:
-                raise
-            existing = await self._keyed_turn(turn.cid, turn.idempotency_key)
-            if existing is None:
-                raise
-            return existing
+            # Either a concurrent request with the same key inserted its turn first (the unique
+            # index), or the conversation was deleted since it was read (the foreign key).
+            if turn.idempotency_key is not None:
+                existing = await self._keyed_turn(turn.cid, turn.idempotency_key)
+                if existing is not None:
+                    return existing
+            if await self._get_conversation(turn.cid) is None:
+                return None
+            raise
 
     async def _insert_turn(self, turn: NewTurn) -> TurnStart | None:
+        """Two statements, the fewest a turn can start with: one read, one multi-row INSERT.
+        Nothing is locked between them: a conversation deleted in between fails the INSERT's
+        foreign key check, which :meth:`_begin_turn` answers as not found."""
         cid = turn.cid
         async with self._writer.begin() as conn:
-            # FOR KEY SHARE (PostgreSQL): a concurrent delete waits for this turn to commit
-            # instead of failing its foreign key check.
-            conv = await _select_conversation(conn, cid, lock=True)
-            if conv is None:
+            rows = (await conn.execute(_conversation_and_history(cid))).all()
+            if not rows:
                 return None
-            earlier = await conn.execute(
-                select(messages.c.role, messages.c.content)
-                .where(messages.c.conversation_id == cid, messages.c.content != "")
-                .order_by(messages.c.created_at, messages.c.id)
-            )
-            history = [{"role": role, "content": text_} for role, text_ in earlier]
+            (_, conversation_model, system_prompt), *earlier = rows
             user_at, assistant_at = CLOCK.now(), CLOCK.now()
             user = new_message(cid, "user", turn.content, "complete", None, user_at)
-            model = turn.model or conv._mapping["model"] or turn.default_model
+            model = turn.model or conversation_model or turn.default_model
             assistant = new_message(cid, "assistant", "", "streaming", model, assistant_at)
             assistant.update(
                 parent_id=user["id"],
@@ -374,12 +375,14 @@ class Store:
                 owner=turn.owner,
                 lease_expires_at=assistant_at + timedelta(seconds=turn.lease_s),
             )
-            await conn.execute(insert(messages), [user, assistant])
-        conversation = conversation_record(conv)
-        if conversation["system"]:
-            history.insert(0, {"role": "system", "content": conversation["system"]})
+            # One INSERT with two rows (an executemany would be one statement per row).
+            await conn.execute(insert(messages).values([user, assistant]))
+        # Typed as nullable by the conversation's columns; a message's role and content never are.
+        history = [{"role": str(role), "content": str(content)} for _, role, content in earlier]
+        if system_prompt:
+            history.insert(0, {"role": "system", "content": system_prompt})
         history.append({"role": "user", "content": turn.content})
-        return TurnStart(conversation, message_record(user), message_record(assistant), history)
+        return TurnStart(message_record(user), message_record(assistant), history)
 
     async def _keyed_turn(self, cid: str, key: str) -> TurnStart | None:
         async with self._engine.begin() as conn:
@@ -405,7 +408,6 @@ class Store:
         if user is None:  # the schema cannot say so, but nothing deletes one message alone
             raise StoreError(f"the user message of turn {assistant._mapping['id']} is missing")
         return TurnStart(
-            conversation_record(conv),
             message_record(user._mapping),
             message_record(assistant._mapping),
             [],
@@ -493,13 +495,29 @@ def _has_tables(conn: Connection) -> bool:
     return all(inspector.has_table(name) for name in TABLE_NAMES)
 
 
-async def _select_conversation(
-    conn: AsyncConnection, cid: str, *, lock: bool = False
-) -> Row[Any] | None:
-    query = select(conversations).where(conversations.c.id == cid)
-    if lock:
-        query = query.with_for_update(read=True, key_share=True)
-    return (await conn.execute(query)).first()
+async def _select_conversation(conn: AsyncConnection, cid: str) -> Row[Any] | None:
+    return (await conn.execute(select(conversations).where(conversations.c.id == cid))).first()
+
+
+def _conversation_and_history(cid: str) -> Select[int, str | None, str | None]:
+    """The conversation's model and system prompt, then its messages that have content, in
+    order: one statement (a join would repeat the system prompt on every row). The
+    conversation's row comes first, with its model and system prompt in the role and content
+    columns; no row at all means no conversation."""
+    head = select(
+        literal(0).label("part"),
+        conversations.c.model.label("role"),
+        conversations.c.system_prompt.label("content"),
+        conversations.c.created_at,
+        conversations.c.id,
+    ).where(conversations.c.id == cid)
+    history = select(
+        literal(1), messages.c.role, messages.c.content, messages.c.created_at, messages.c.id
+    ).where(messages.c.conversation_id == cid, messages.c.content != "")
+    ordered = union_all(head, history).subquery()
+    return select(ordered.c.part, ordered.c.role, ordered.c.content).order_by(
+        ordered.c.part, ordered.c.created_at, ordered.c.id
+    )
 
 
 def _still_ours(owner: str) -> ColumnElement[bool]:

@@ -30,7 +30,7 @@ from chatsrv._database import map_error
 from chatsrv._errors import StoreError, StoreUnavailable
 from chatsrv._store import Store
 from chatsrv._tables import schema_statements
-from tests.db import terminate_backend
+from tests.db import plain_url, run_asyncpg, terminate_backend
 
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}\+00:00$")
 
@@ -91,7 +91,7 @@ async def test_conversation_crud(store: Store) -> None:
 
 async def test_delete_cascades_to_messages(store: Store) -> None:
     turn = await new_turn(store)
-    cid = turn.conversation["id"]
+    cid = turn.user_message["conversation_id"]
     assert await store.delete_conversation(cid) is True
     assert await store.list_messages(cid) is None
     assert await store.get_message(turn.user_message["id"]) is None
@@ -119,7 +119,6 @@ async def test_begin_turn_and_finish_reply_round_trip(store: Store) -> None:
     cid = conversation["id"]
     turn = await store.begin_turn(cid, content="first", model="m1", **LEASE)
     assert turn is not None
-    assert turn.conversation == conversation
     assert turn.history == [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "first"},
@@ -206,7 +205,7 @@ async def test_finish_reply_is_idempotent(store: Store) -> None:
     assert await store.finish_reply(
         mid, content="ab", status="complete", stop_reason="stop", usage={"total_tokens": 2}
     )
-    listed = await store.list_messages(turn.conversation["id"])
+    listed = await store.list_messages(turn.user_message["conversation_id"])
     assert listed is not None and len(listed) == 2
     assert listed[1]["id"] == mid
     assert (listed[1]["content"], listed[1]["status"], listed[1]["stop_reason"]) == (
@@ -300,7 +299,7 @@ async def test_terminated_backend_during_finish_reply(postgresql_url: str) -> No
                 mid, content="done", status="complete", stop_reason="stop", usage={"n": 1}
             )
         event.remove(store._engine.sync_engine, "before_cursor_execute", kill_before_update)
-        listed = await store.list_messages(turn.conversation["id"])
+        listed = await store.list_messages(turn.user_message["conversation_id"])
         assert listed is not None and [m["id"] for m in listed].count(mid) == 1
         assert len(listed) == 2
         assert (listed[1]["content"], listed[1]["status"], listed[1]["usage"]) == (
@@ -308,6 +307,30 @@ async def test_terminated_backend_during_finish_reply(postgresql_url: str) -> No
             "complete",
             {"n": 1},
         )
+
+
+async def test_conversation_deleted_while_a_turn_begins(postgresql_url: str) -> None:
+    """begin_turn locks nothing between its read and its INSERT: a conversation deleted in
+    between fails the foreign key, and the turn is not found, with nothing written."""
+    async with Store.open(postgresql_url) as store:
+        conversation = await store.create_conversation(title=None, model=None, system=None)
+        cid = conversation["id"]
+        deleted: list[str] = []
+
+        def delete_before_insert(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            if statement.lstrip().upper().startswith("INSERT INTO MESSAGES") and not deleted:
+                deleted.append(cid)
+                run_asyncpg(
+                    plain_url(postgresql_url), f"DELETE FROM conversations WHERE id = '{cid}'"
+                )
+
+        event.listen(store._engine.sync_engine, "before_cursor_execute", delete_before_insert)
+        with trio.fail_after(20):
+            assert await store.begin_turn(cid, content="hi", model=None, **LEASE) is None
+        event.remove(store._engine.sync_engine, "before_cursor_execute", delete_before_insert)
+        assert deleted == [cid]
+        count = f"SELECT count(*) FROM messages WHERE conversation_id = '{cid}'"
+        assert await execute(store, count) == [0]
 
 
 async def test_sqlite_lock_held_past_busy_timeout(tmp_path: Path) -> None:
