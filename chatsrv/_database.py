@@ -10,6 +10,7 @@ lost or refused, the database was locked, busy or did not answer in time) or
 from __future__ import annotations
 
 import sqlite3
+import time
 from typing import Any, Final
 
 import asyncpg
@@ -26,14 +27,8 @@ def create_engine(url: str, *, pool_size: int, timeout_s: float) -> AsyncEngine:
     """The async engine for ``url`` (plain postgresql:// and sqlite:// get the async driver)."""
     parsed = make_url(url)
     backend = parsed.get_backend_name()
-    # max_overflow=0: pool_size is a hard cap on connections. pre_ping: a connection the server
-    # dropped while idle in the pool is replaced at checkout instead of failing the next write.
-    pool: dict[str, Any] = {
-        "pool_size": pool_size,
-        "max_overflow": 0,
-        "pool_timeout": timeout_s,
-        "pool_pre_ping": True,
-    }
+    # max_overflow=0: pool_size is a hard cap on connections.
+    pool: dict[str, Any] = {"pool_size": pool_size, "max_overflow": 0, "pool_timeout": timeout_s}
     if backend == "postgresql":
         engine = create_async_engine(
             parsed.set(drivername="postgresql+asyncpg"),
@@ -49,7 +44,40 @@ def create_engine(url: str, *, pool_size: int, timeout_s: float) -> AsyncEngine:
         configure_sqlite(engine, busy_timeout_ms=round(timeout_s * 1000))
     else:
         raise ValueError(f"unsupported database URL {parsed!r}: use postgresql:// or sqlite://")
+    ping_when_idle(engine, idle_s=PING_AFTER_IDLE_S)
     return engine
+
+
+# A connection back in use within this many seconds is not pinged at checkout.
+PING_AFTER_IDLE_S: Final = 1.0
+
+
+def ping_when_idle(engine: AsyncEngine, *, idle_s: float) -> None:
+    """Ping a connection at checkout only if it sat idle in the pool for ``idle_s`` or more.
+
+    This replaces ``pool_pre_ping``, which pings at every checkout: one more round trip (and,
+    logged, a BEGIN and a ROLLBACK) for each of a turn's five or six transactions. A connection
+    the server dropped while idle is still replaced before it fails a write; one dropped while
+    in steady use fails its next statement, which SQLAlchemy answers by discarding the whole
+    pool, and which the store reports as :class:`StoreUnavailable` for its callers to retry.
+    """
+
+    @event.listens_for(engine.sync_engine, "checkin")
+    def _checkin(_dbapi_connection: Any, record: Any) -> None:
+        record.info["chatsrv_idle_since"] = time.monotonic()
+
+    @event.listens_for(engine.sync_engine, "checkout")
+    def _checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        idle_since = record.info.get("chatsrv_idle_since")
+        if idle_since is None or time.monotonic() - idle_since < idle_s:
+            return  # new, or in steady use
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except engine.dialect.loaded_dbapi.Error as error:
+            if engine.dialect.is_disconnect(error, dbapi_connection, None):
+                # SQLAlchemy's documented way to say "replace this one": the pool retries.
+                raise exc.DisconnectionError(str(error)) from error
+            raise
 
 
 def configure_sqlite(engine: AsyncEngine, *, busy_timeout_ms: int) -> None:

@@ -19,6 +19,7 @@ import trio
 import trio.testing
 from sqlalchemy.engine import make_url
 
+import chatsrv._database
 from chatsrv._aio import open_asyncio_thread
 from chatsrv._database import map_error
 from chatsrv._errors import StoreUnavailable
@@ -172,7 +173,15 @@ async def test_pg_proxy_points_the_url_at_the_proxy(
             assert (pg_proxy.proxy.accepted, pg_proxy.proxy.connections) == (1, 1)
 
 
-async def test_cut_idle_pooled_connection_is_replaced_by_pre_ping(
+@pytest.fixture
+def ping_at_every_checkout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stores opened in this test ping every pooled connection at checkout, however short its
+    idle time (the default spares connections in steady use)."""
+    monkeypatch.setattr(chatsrv._database, "PING_AFTER_IDLE_S", 0.0)
+
+
+@pytest.mark.usefixtures("ping_at_every_checkout")
+async def test_cut_idle_pooled_connection_is_replaced_by_the_ping(
     pg_proxy: ProxiedDatabase,
 ) -> None:
     proxy = pg_proxy.proxy
@@ -181,7 +190,21 @@ async def test_cut_idle_pooled_connection_is_replaced_by_pre_ping(
             await store.ping()  # one connection, now idle in the pool
             proxy.cut()
             assert proxy.connections == 0
-            await store.ping()  # pre-ping finds it dead; a fresh one goes through
+            await store.ping()  # the ping finds it dead; a fresh one goes through
+            assert (proxy.accepted, proxy.connections) == (2, 1)
+
+
+async def test_cut_connection_in_steady_use_fails_once(pg_proxy: ProxiedDatabase) -> None:
+    """A connection back in use within PING_AFTER_IDLE_S is not pinged: its loss fails one call,
+    transiently, and the pool is discarded so that the next call connects afresh."""
+    proxy = pg_proxy.proxy
+    with trio.fail_after(TIME_LIMIT_S):
+        async with Store.open(pg_proxy.url, init_schema=False) as store:
+            await store.ping()
+            proxy.cut()
+            with pytest.raises(StoreUnavailable):
+                await store.ping()
+            await store.ping()
             assert (proxy.accepted, proxy.connections) == (2, 1)
 
 
@@ -260,13 +283,14 @@ async def test_stall_hangs_a_query_until_heal(pg_proxy: ProxiedDatabase, pooled:
             assert proxy.accepted == 1
 
 
+@pytest.mark.usefixtures("ping_at_every_checkout")
 async def test_down_then_heal_recovers(pg_proxy: ProxiedDatabase) -> None:
     proxy = pg_proxy.proxy
     with trio.fail_after(TIME_LIMIT_S):
         async with Store.open(pg_proxy.url, init_schema=False) as store:
             await store.ping()
             proxy.down()
-            # Pre-ping finds the pooled connection dead, and its replacement is refused.
+            # The ping finds the pooled connection dead, and its replacement is refused.
             with pytest.raises(StoreUnavailable):
                 await store.ping()
             proxy.heal()
