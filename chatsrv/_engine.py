@@ -14,7 +14,7 @@ Who owns what::
        turn changes, coalesces what         │          ▼  memory channel: the deltas, in order
        is waiting, never touches            │
        the database)                        └── persister     (CancelScope(shield=True))
-            ▲                                      appends each delta to turn.chunks ───▶ relays
+            ▲                                      appends each delta to the turn ──────▶ relays
             │                                      every checkpoint interval: one UPDATE
             │                                      channel closed ⇒ the generation has ended:
             │                                        ONE final UPDATE by id, retried within a

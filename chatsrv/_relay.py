@@ -107,14 +107,11 @@ async def relay(turn: Turn, *, heartbeat_s: float) -> AsyncIterator[bytes]:
     turn.attach()
     try:
         yield start_event(turn)
-        sent_chunks = 0
-        sent_length = 0
+        sent_deltas = sent_length = 0
         while True:
-            waiting = len(turn.chunks)
-            if waiting > sent_chunks:
-                text = "".join(turn.chunks[sent_chunks:waiting])
-                sent_chunks = waiting
-                sent_length += len(text)
+            if turn.deltas > sent_deltas:
+                text = turn.since(sent_deltas, sent_length)
+                sent_deltas, sent_length = turn.deltas, turn.length
                 yield delta_event(text, sent_length)
                 continue
             if turn.finished.is_set():

@@ -42,6 +42,32 @@ async def test_waiting_deltas_go_out_as_one_event() -> None:
     await events.aclose()
 
 
+async def test_relays_before_and_after_a_fold_get_the_same_text() -> None:
+    """Reading ``content`` (the persister does, at each checkpoint) folds the deltas received so
+    far into one string; a relay that had read part of them, and one that had read none, go on
+    from where they were."""
+    turn = make_turn()
+    early, late = relay(turn, heartbeat_s=15), relay(turn, heartbeat_s=15)
+    await early.__anext__()
+    await late.__anext__()
+    turn.extend(["a", "bc"])
+    assert await early.__anext__() == b'id: 3\nevent: delta\ndata: {"content":"abc"}\n\n'
+    turn.extend(["dé"])
+    assert turn.content == "abcdé"  # the fold
+    turn.extend(["f"])
+    assert await early.__anext__() == b'id: 6\nevent: delta\ndata: {"content":"d\xc3\xa9f"}\n\n'
+    assert await late.__anext__() == b'id: 6\nevent: delta\ndata: {"content":"abcd\xc3\xa9f"}\n\n'
+    turn.extend(["g"])
+    assert turn.content == "abcdéfg"  # a fold with both relays past the previous one
+    for events in (early, late):
+        assert await events.__anext__() == b'id: 7\nevent: delta\ndata: {"content":"g"}\n\n'
+
+    finish(turn)
+    for events in (early, late):
+        assert (await events.__anext__()).startswith(b"event: done\n")
+        await events.aclose()
+
+
 async def test_relay_does_not_wait_to_batch(autojump_clock: trio.testing.MockClock) -> None:
     turn = make_turn()
     events = relay(turn, heartbeat_s=15)
