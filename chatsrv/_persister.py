@@ -4,8 +4,8 @@ One persister task runs beside each generation, inside a shielded cancel scope (
 ``_engine.py``), through three phases:
 
 1. **Hold.** Append each delta to the turn as it arrives, so that relays can send it; every
-   ``CHATSRV_CHECKPOINT_INTERVAL_S``, if the reply grew, save it (one UPDATE that also renews the
-   row's lease). A checkpoint runs beside the deltas, never in their way, and a failed one is
+   ``CHATSRV_CHECKPOINT_INTERVAL_S`` from the first delta, if the reply grew, save it (one UPDATE
+   that also renews the row's lease). A checkpoint runs beside the deltas, never in their way, and a failed one is
    only logged: the next interval tries again. A turn shorter than one interval writes none.
 2. **Commit.** When the channel closes the generation has ended and the turn has its outcome:
    write the final content and status in one UPDATE by id, retried with exponential backoff and
@@ -106,6 +106,9 @@ class Persister:
             nursery.cancel_scope.cancel()
 
     async def _checkpoints(self, turn: Turn) -> None:
+        # The interval counts from the first delta: a turn pays no checkpoint for the time its
+        # upstream takes to answer, and n intervals of deltas cost at most n - 1 checkpoints.
+        await turn.wait_changed()
         saved = 0
         while True:
             await trio.sleep(self._settings.checkpoint_interval_s)
