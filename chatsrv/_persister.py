@@ -5,8 +5,9 @@ One persister task runs beside each generation, inside a shielded cancel scope (
 
 1. **Hold.** Append each delta to the turn as it arrives, so that relays can send it; every
    ``CHATSRV_CHECKPOINT_INTERVAL_S`` from the first delta, if the reply grew, save it (one UPDATE
-   that also renews the row's lease). A checkpoint runs beside the deltas, never in their way, and a failed one is
-   only logged: the next interval tries again. A turn shorter than one interval writes none.
+   that also renews the row's lease). A checkpoint runs beside the deltas, never in their way,
+   and a failed one is only logged: the next interval tries again. A turn shorter than one
+   interval writes none.
 2. **Commit.** When the channel closes the generation has ended and the turn has its outcome:
    write the final content and status in one UPDATE by id, retried with exponential backoff and
    jitter on transient errors for ``CHATSRV_PERSIST_RETRY_S`` — cut to ``CHATSRV_PERSIST_GRACE_S``
