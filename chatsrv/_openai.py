@@ -1,11 +1,13 @@
 """The ``openai`` provider: any OpenAI-compatible ``/chat/completions`` endpoint, streamed through
-the official SDK's raw response. This is the only module that imports openai or httpx2, and the
-one place where their exceptions become ``UpstreamError``.
+the official SDK's raw response. With ``_http11``, the only module that imports openai or httpx2,
+and the one place where their exceptions become ``UpstreamError``.
 
 Hot path. The SDK's typed ``ChatCompletionChunk`` objects cost ~170-180 µs of CPU per token; the
 raw path (``with_streaming_response.create`` and ``iter_lines()`` parsed with orjson) ~22 µs. So
 the per-line loop reads SSE ``data:`` lines into plain dicts and does nothing else: no pydantic,
-no logging, no allocation beyond the parsed chunk.
+no logging, no allocation beyond the parsed chunk. Beneath it, the SDK's HTTP client runs on
+``_http11.Http11Transport`` by default (``CHATSRV_LLM_TRANSPORT``), which reads each token for
+about half the CPU of httpx2's own transport.
 
 How each failure is mapped (``UpstreamError.code``)::
 
@@ -13,9 +15,10 @@ How each failure is mapped (``UpstreamError.code``)::
       openai.APIStatusError (4xx/5xx, after the SDK's retries)   upstream_status + status_code
       openai.APIConnectionError, APITimeoutError                 upstream_connection
       any other openai.OpenAIError                               upstream_protocol
-    while streaming, raised raw by httpx2 from iter_lines():
+    while streaming, raised raw by httpx2 (or by the lean transport, as httpx2's) from the body:
       httpx2.TimeoutException (silent for llm_timeout_s)          upstream_connection
-      httpx2.NetworkError (reset), anyio and ssl errors beneath   upstream_connection
+      httpx2.NetworkError (reset); with httpx2's transport,
+        the anyio and ssl errors beneath it                       upstream_connection
       httpx2.RemoteProtocolError (the body was cut off), any
         other httpx2.HTTPError or StreamError                     upstream_protocol
     in the body:
@@ -30,7 +33,9 @@ the body after a ``finish_reason`` (some compatible servers omit ``[DONE]``).
 from __future__ import annotations
 
 import contextlib
+import logging
 import ssl
+import urllib.request
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, cast
@@ -42,11 +47,14 @@ import orjson
 import trio
 
 from chatsrv._errors import UpstreamError
+from chatsrv._http11 import Http11Transport
 from chatsrv._provider import Completion, Prompt
 from chatsrv._settings import Settings
 
 if TYPE_CHECKING:
     from openai.types.chat import ChatCompletionMessageParam
+
+log = logging.getLogger("chatsrv.upstream")
 
 # Local servers (vLLM, llama.cpp, Ollama) take no key, but the SDK insists on one.
 KEYLESS_PLACEHOLDER = "chatsrv-no-key"
@@ -56,7 +64,7 @@ MAX_DETAIL_CHARS = 300
 # How long the end of a finished body (or of an abandoned one) may take to arrive.
 DRAIN_DEADLINE_S = 0.1
 
-# Raised raw by httpx2 (and, for TLS, by anyio/ssl beneath it) from iter_lines(): the SDK does not
+# Raised raw by httpx2 (and, for TLS, by anyio/ssl beneath it) from the body: the SDK does not
 # wrap errors that happen after the response headers arrived. A body cut off mid-stream is a
 # RemoteProtocolError: a stream that ended early, so upstream_protocol (it is in HTTPError).
 _CONNECTION_ERRORS = (
@@ -85,6 +93,7 @@ class OpenAIProvider:
             max_retries=settings.llm_max_retries,
             # read: the longest silence between two chunks; write and pool share it.
             timeout=openai.Timeout(settings.llm_timeout_s, connect=CONNECT_TIMEOUT_S),
+            http_client=_http_client(settings.llm_transport),
         )
 
     async def aclose(self) -> None:
@@ -142,6 +151,17 @@ class OpenAIProvider:
                 f"the upstream stream broke off or is malformed: {_describe(exc)}",
                 code="upstream_protocol",
             ) from exc
+
+
+def _http_client(transport: str) -> httpx2.AsyncClient | None:
+    """The SDK's HTTP client on the lean transport, or None for the SDK's default."""
+    if transport == "auto":
+        proxies = urllib.request.getproxies()
+        transport = "httpx" if {"http", "https", "all"} & proxies.keys() else "lean"
+    log.info("upstream HTTP transport: %s", transport)
+    if transport == "httpx":
+        return None
+    return openai.DefaultAsyncHttpxClient(transport=Http11Transport())
 
 
 async def _read_stream(lines: AsyncGenerator[str, None], emit: Callable[[str], None]) -> Completion:

@@ -40,6 +40,10 @@ class Settings(BaseSettings):
     llm_model: str | None = None
     llm_timeout_s: float = Field(default=60.0, gt=0)
     llm_max_retries: int = Field(default=2, ge=0)
+    # How the SDK talks HTTP: "lean" is chatsrv's HTTP/1.1 transport (less CPU per token),
+    # "httpx" the SDK's own (HTTP/2-capable, honours HTTP(S)_PROXY). "auto": lean, unless a
+    # proxy is set in the environment.
+    llm_transport: Literal["auto", "lean", "httpx"] = "auto"
     demo_token_interval_s: float = Field(default=0.05, ge=0)
 
     # Turns.

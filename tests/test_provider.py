@@ -5,7 +5,8 @@ Rules: the fake upstream listens on 127.0.0.1 with port 0; every test that does 
 gate, never from sleeping. The demo's pacing is checked on the autojump clock; the openai tests
 run on the real clock (the SDK does some work in a thread, which autojump would skip past), so
 the read-timeout tests use a short timeout. A failure must reach the caller as ``UpstreamError``
-with the right ``code`` (or as ``trio.Cancelled``), nothing else.
+with the right ``code`` (or as ``trio.Cancelled``), nothing else. Every test runs twice: over
+chatsrv's lean HTTP transport and over httpx2's, the SDK's default (``CHATSRV_LLM_TRANSPORT``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import pytest
 import trio
 
 from chatsrv._errors import UpstreamError
+from chatsrv._http11 import Http11Transport
+from chatsrv._openai import _http_client
 from chatsrv._provider import Completion, Prompt, Provider, open_provider
 from chatsrv._settings import Settings
 from tests.fake_upstream import DEFAULT_TOKENS, DEFAULT_USAGE, FakeUpstream, Script
@@ -30,6 +33,12 @@ PROMPT = Prompt(
         {"role": "user", "content": "Say something."},
     ],
 )
+
+
+@pytest.fixture(autouse=True, params=["lean", "httpx"])
+def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("CHATSRV_LLM_TRANSPORT", request.param)
+    return str(request.param)
 
 
 def openai_settings(base_url: str, **overrides: Any) -> Settings:
@@ -331,6 +340,25 @@ async def test_deadline_while_the_upstream_is_silent(
 
 
 # --- the factory --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("variable", "chosen"),
+    [("HTTPS_PROXY", "httpx"), ("all_proxy", "httpx"), ("NO_PROXY", "lean"), (None, "lean")],
+)
+def test_auto_transport_leaves_proxies_to_httpx(
+    monkeypatch: pytest.MonkeyPatch, variable: str | None, chosen: str
+) -> None:
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    if variable is not None:
+        monkeypatch.setenv(variable, "http://proxy.invalid:3128")
+    client = _http_client("auto")
+    if chosen == "httpx":
+        assert client is None  # the SDK builds its own, which honours the proxy
+    else:
+        assert client is not None and isinstance(client._transport, Http11Transport)
 
 
 async def test_open_provider_closes_the_client(upstream: FakeUpstream) -> None:
