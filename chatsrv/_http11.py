@@ -36,9 +36,10 @@ completion is not idempotent, so sending it twice is for the SDK's retries to de
 
 from __future__ import annotations
 
+import math
 import re
 import ssl
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -52,6 +53,7 @@ MAX_LINE_BYTES: Final = 4096  # a chunk-size line with its extensions, or a trai
 MAX_TRAILER_BYTES: Final = 64 * 1024
 
 _Origin = tuple[str, str, int]  # scheme, host, port
+_Receive = Callable[[int], Awaitable[bytes | bytearray]]
 # RFC 9112 7.1: chunk-size [ BWS ";" chunk-ext ]; h11 takes up to 20 hex digits, 16 fit 64 bits.
 _CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?")
 
@@ -159,7 +161,7 @@ class Http11Transport(httpx2.AsyncBaseTransport):
         h11_conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
         try:
             sent_all = await _send_request(conn.stream, h11_conn, request, timeouts)
-            head = await _receive_head(conn.stream, h11_conn, read_s)
+            head = await _receive_head(conn.receive, h11_conn, read_s)
         except BaseException:
             conn.close()
             raise
@@ -200,6 +202,17 @@ class _Connection:
     socket: trio.socket.SocketType  # beneath any TLS: probed for readability while idle
     idle_since: float = 0.0
 
+    @property
+    def receive(self) -> _Receive:
+        # Without TLS, read the socket itself: SocketStream.receive_some adds a conflict detector
+        # and an error-translating context manager to every read (~5% of a worker's CPU, in
+        # the profile of a paced stream).
+        return (
+            self.socket.recv
+            if isinstance(self.stream, trio.SocketStream)
+            else self.stream.receive_some
+        )
+
     def close(self) -> None:
         # Synchronous, so that it also runs to its end in a cancelled scope. Like aclose_forcefully
         # it sends no TLS close_notify; trio wakes any task waiting on the socket.
@@ -219,14 +232,14 @@ class _ResponseBody(httpx2.AsyncByteStream):
         pool: Http11Transport | None,
     ) -> None:
         self._conn: _Connection | None = conn
-        self._stream = conn.stream  # kept after aclose: a read then fails as ReadError
+        self._receive = conn.receive  # kept after aclose: a read then fails as ReadError
         self._decoder = decoder
         self._leftover = leftover
         self._read_s = read_s
         self._pool = pool
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        decoder, stream, read_s = self._decoder, self._stream, self._read_s
+        decoder, receive, read_s = self._decoder, self._receive, self._read_s
         data, self._leftover = self._leftover, b""
         try:
             while True:
@@ -236,7 +249,7 @@ class _ResponseBody(httpx2.AsyncByteStream):
                         yield out  # no cancel scope is open here: each read closes its own
                 if decoder.done:
                     return
-                data = await _receive(stream, read_s)
+                data = await _receive(receive, read_s)
                 if not data:
                     decoder.end()  # raises unless the end of the connection ends the body
                     return
@@ -365,14 +378,18 @@ class _Chunked(_UntilClose):
 # --- socket operations, each under a deadline of its own, mapped to httpx2's errors ------------
 
 
-async def _receive(stream: trio.abc.Stream, read_s: float) -> bytes:
-    # A bare CancelScope rather than fail_after: this runs once per token, and fail_after's
-    # context-manager wrapper costs a few µs more.
+async def _receive(receive: _Receive, read_s: float) -> bytes:
+    # This runs once per token. A cancel scope costs ~5% of a worker's CPU there, so none is
+    # opened without a read timeout: a caller that passes none watches for silence itself
+    # (``_openai`` does, with one scope per stream). Otherwise a bare CancelScope rather than
+    # fail_after, whose context-manager wrapper costs a few µs more.
     try:
+        if read_s == math.inf:
+            return bytes(await receive(READ_SIZE))
         with trio.CancelScope(deadline=trio.current_time() + read_s):
             # bytes() of a bytes object is that object: only the type checker needs it.
-            return bytes(await stream.receive_some(READ_SIZE))
-    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            return bytes(await receive(READ_SIZE))
+    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         raise httpx2.ReadError(_why(exc)) from exc
     raise httpx2.ReadTimeout(f"nothing received for {read_s:g} s")  # the deadline struck
 
@@ -418,16 +435,14 @@ async def _send_request(
     return await _send_all(stream, b"".join(pending), write_s)
 
 
-async def _receive_head(
-    stream: trio.abc.Stream, h11_conn: h11.Connection, read_s: float
-) -> h11.Response:
+async def _receive_head(receive: _Receive, h11_conn: h11.Connection, read_s: float) -> h11.Response:
     while True:
         try:
             event = h11_conn.next_event()
         except h11.RemoteProtocolError as exc:
             raise httpx2.RemoteProtocolError(str(exc)) from exc
         if event is h11.NEED_DATA:
-            data = await _receive(stream, read_s)
+            data = await _receive(receive, read_s)
             if not data:
                 raise httpx2.RemoteProtocolError("Server disconnected without sending a response.")
             h11_conn.receive_data(data)
