@@ -91,8 +91,13 @@ class OpenAIProvider:
             base_url=settings.llm_base_url,
             api_key=key or KEYLESS_PLACEHOLDER,
             max_retries=settings.llm_max_retries,
-            # read: the longest silence between two chunks; write and pool share it.
-            timeout=openai.Timeout(settings.llm_timeout_s, connect=CONNECT_TIMEOUT_S),
+            # No read timeout: generate() watches for silence itself (see _Silence).
+            timeout=openai.Timeout(
+                connect=CONNECT_TIMEOUT_S,
+                read=None,
+                write=settings.llm_timeout_s,
+                pool=settings.llm_timeout_s,
+            ),
             http_client=_http_client(settings.llm_transport),
         )
 
@@ -102,24 +107,32 @@ class OpenAIProvider:
 
     async def generate(self, prompt: Prompt, emit: Callable[[str], None]) -> Completion:
         messages = cast("Iterable[ChatCompletionMessageParam]", prompt.messages)
+        silence = _Silence(self._read_timeout_s)
         try:
-            # `async with` closes the HTTP response on every exit, trio.Cancelled included, so a
-            # cancelled turn drops the upstream connection instead of reading it to the end.
-            async with self._client.chat.completions.with_streaming_response.create(
-                model=prompt.model,
-                messages=messages,
-                stream=True,
-                stream_options={"include_usage": True},
-            ) as response:
-                lines = _lines(response.http_response.aiter_bytes())
-                async with aclosing(lines):
-                    try:
-                        completion = await _read_stream(lines, emit)
-                    except Exception:
-                        await _abandon(response, lines)
-                        raise
-                    await _drain(lines)
-                    return completion
+            with silence.scope:
+                # `async with` closes the HTTP response on every exit, trio.Cancelled included,
+                # so a cancelled turn drops the upstream connection instead of reading it to
+                # the end.
+                async with self._client.chat.completions.with_streaming_response.create(
+                    model=prompt.model,
+                    messages=messages,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                ) as response:
+                    lines = _lines(response.http_response.aiter_bytes())
+                    async with aclosing(lines):
+                        try:
+                            completion = await _read_stream(lines, emit, silence)
+                        except Exception:
+                            await _abandon(response, lines)
+                            raise
+                        await _drain(lines)
+                        return completion
+            # Only the silence watch's scope, cancelled, lands here.
+            raise UpstreamError(
+                f"the upstream sent nothing for {self._read_timeout_s:g} s",
+                code="upstream_connection",
+            )
         except openai.APIStatusError as exc:
             raise UpstreamError(
                 f"the upstream answered HTTP {exc.status_code}: {_detail(exc.body, exc.message)}",
@@ -164,12 +177,35 @@ def _http_client(transport: str) -> httpx2.AsyncClient | None:
     return openai.DefaultAsyncHttpxClient(transport=Http11Transport())
 
 
-async def _read_stream(lines: AsyncGenerator[str, None], emit: Callable[[str], None]) -> Completion:
+class _Silence:
+    """The longest silence allowed from the upstream, from the request to the end of the body,
+    watched by one cancel scope per stream. (A read timeout in the HTTP stack opens a cancel
+    scope per read, ~5% of a worker's CPU when each token comes in its own read.) Its deadline
+    moves at most every sixteenth of the timeout, so it strikes after a silence of between
+    ``timeout_s`` and 17/16 of it."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self._timeout_s = timeout_s
+        self._step_s = timeout_s / 16
+        self._heard_at = trio.current_time()
+        self.scope = trio.CancelScope(deadline=self._heard_at + timeout_s + self._step_s)
+
+    def heard(self) -> None:
+        now = trio.current_time()
+        if now - self._heard_at >= self._step_s:
+            self._heard_at = now
+            self.scope.deadline = now + self._timeout_s + self._step_s
+
+
+async def _read_stream(
+    lines: AsyncGenerator[str, None], emit: Callable[[str], None], silence: _Silence
+) -> Completion:
     """Parse the SSE body; emit each content delta as soon as its line is parsed."""
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
     loads = orjson.loads
     async for line in lines:
+        silence.heard()
         # Only data lines matter: blank lines end events; comments (":"), event:, id: are skipped.
         if not line.startswith("data:"):
             continue

@@ -224,6 +224,28 @@ async def test_silent_upstream_times_out(upstream: FakeUpstream) -> None:
         await upstream.wait_disconnected()
 
 
+async def test_upstream_silent_before_answering_times_out() -> None:
+    """The silence watch covers the wait for the response head too, not only the body."""
+
+    async def never_answer(stream: trio.SocketStream) -> None:
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        [listener] = await nursery.start(
+            functools.partial(trio.serve_tcp, never_answer, 0, host="127.0.0.1")
+        )
+        port = listener.socket.getsockname()[1]
+        settings = openai_settings(f"http://127.0.0.1:{port}/v1", llm_timeout_s=SILENCE_TIMEOUT_S)
+        async with open_provider(settings) as opened:
+            start = trio.current_time()
+            deltas, error = await generate_failing(opened)
+            assert trio.current_time() - start >= SILENCE_TIMEOUT_S
+        nursery.cancel_scope.cancel()
+    assert error.code == "upstream_connection"
+    assert "sent nothing for 0.5 s" in error.message
+    assert deltas == []
+
+
 FAULTS = [
     pytest.param(Script(error_status=500), "upstream_status", id="status-500"),
     pytest.param(Script(error_status=429), "upstream_status", id="status-429"),
@@ -253,7 +275,11 @@ async def test_only_upstream_error_escapes(
     # Not a subclass, not an openai or httpx2 type: exactly UpstreamError, with its cause kept.
     assert type(escaped) is UpstreamError, repr(escaped)
     assert escaped.code == code
-    assert escaped.__cause__ is not None or code in ("upstream_error", "upstream_protocol")
+    # A silence is noticed by chatsrv itself: there is no cause to keep.
+    silent = script.stall_after is not None
+    assert (
+        escaped.__cause__ is not None or code in ("upstream_error", "upstream_protocol") or silent
+    )
 
 
 async def test_emit_failure_propagates_and_drops_the_upstream(
