@@ -27,11 +27,14 @@ import orjson
 import trio
 from sqlalchemy import (
     ColumnElement,
+    Insert,
     Row,
     Select,
+    Text,
     and_,
     delete,
     exc,
+    func,
     insert,
     inspect,
     literal,
@@ -356,27 +359,36 @@ class Store:
             raise
 
     async def _insert_turn(self, turn: NewTurn) -> TurnStart | None:
-        """Two statements, the fewest a turn can start with: one read, one multi-row INSERT.
-        Nothing is locked between them: a conversation deleted in between fails the INSERT's
+        """A turn starts with one read of the conversation and its history, and one INSERT of
+        its two messages: one statement on PostgreSQL (the INSERT rides along in a WITH), two
+        on SQLite. Nothing is locked: a conversation deleted meanwhile fails the INSERT's
         foreign key check, which :meth:`_begin_turn` answers as not found."""
         cid = turn.cid
+        user_at, assistant_at = CLOCK.now(), CLOCK.now()
+        user = new_message(cid, "user", turn.content, "complete", None, user_at)
+        assistant = new_message(cid, "assistant", "", "streaming", None, assistant_at)
+        assistant.update(
+            parent_id=user["id"],
+            idempotency_key=turn.idempotency_key,
+            owner=turn.owner,
+            lease_expires_at=assistant_at + timedelta(seconds=turn.lease_s),
+        )
+        read = _conversation_and_history(cid)
         async with self._writer.begin() as conn:
-            rows = (await conn.execute(_conversation_and_history(cid))).all()
+            if self._postgresql:
+                # The INSERT selects the conversation's row itself, so that it inserts nothing
+                # when there is none; the read's snapshot does not see the new rows.
+                insert_turn = _insert_messages_of(cid, [user, assistant], turn)
+                rows = (await conn.execute(read.add_cte(insert_turn.cte("turn")))).all()
+            else:
+                rows = (await conn.execute(read)).all()
             if not rows:
                 return None
             (_, conversation_model, system_prompt), *earlier = rows
-            user_at, assistant_at = CLOCK.now(), CLOCK.now()
-            user = new_message(cid, "user", turn.content, "complete", None, user_at)
-            model = turn.model or conversation_model or turn.default_model
-            assistant = new_message(cid, "assistant", "", "streaming", model, assistant_at)
-            assistant.update(
-                parent_id=user["id"],
-                idempotency_key=turn.idempotency_key,
-                owner=turn.owner,
-                lease_expires_at=assistant_at + timedelta(seconds=turn.lease_s),
-            )
-            # One INSERT with two rows (an executemany would be one statement per row).
-            await conn.execute(insert(messages).values([user, assistant]))
+            assistant["model"] = _reply_model(turn, conversation_model)
+            if not self._postgresql:
+                # One INSERT with two rows (an executemany would be one statement per row).
+                await conn.execute(insert(messages).values([user, assistant]))
         # Typed as nullable by the conversation's columns; a message's role and content never are.
         history = [{"role": str(role), "content": str(content)} for _, role, content in earlier]
         if system_prompt:
@@ -517,6 +529,39 @@ def _conversation_and_history(cid: str) -> Select[int, str | None, str | None]:
     ordered = union_all(head, history).subquery()
     return select(ordered.c.part, ordered.c.role, ordered.c.content).order_by(
         ordered.c.part, ordered.c.created_at, ordered.c.id
+    )
+
+
+def _reply_model(turn: NewTurn, conversation_model: str | None) -> str:
+    """The request's model, else the conversation's, else the default (as _model_column)."""
+    return turn.model or conversation_model or turn.default_model
+
+
+def _model_column(turn: NewTurn) -> ColumnElement[str]:
+    """_reply_model in SQL, from the conversation's row."""
+    return func.coalesce(
+        literal(turn.model or None, Text),
+        func.nullif(conversations.c.model, ""),
+        literal(turn.default_model, Text),
+    )
+
+
+def _insert_messages_of(cid: str, rows: list[dict[str, Any]], turn: NewTurn) -> Insert:
+    """INSERT ``rows`` if the conversation exists, one SELECT of its row each; the assistant's
+    model (its ``None``) is resolved from the conversation's row."""
+    columns = list(rows[0])
+
+    def from_conversation(row: dict[str, Any]) -> Select[Any]:
+        values = [
+            _model_column(turn).label(name)
+            if name == "model" and row["role"] == "assistant"
+            else literal(row[name], messages.c[name].type).label(name)
+            for name in columns
+        ]
+        return select(*values).where(conversations.c.id == cid)
+
+    return insert(messages).from_select(
+        columns, union_all(*(from_conversation(row) for row in rows))
     )
 
 

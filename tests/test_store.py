@@ -30,7 +30,7 @@ from chatsrv._database import map_error
 from chatsrv._errors import StoreError, StoreUnavailable
 from chatsrv._store import Store
 from chatsrv._tables import schema_statements
-from tests.db import plain_url, run_asyncpg, terminate_backend
+from tests.db import plain_url, terminate_backend
 
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}\+00:00$")
 
@@ -310,27 +310,54 @@ async def test_terminated_backend_during_finish_reply(postgresql_url: str) -> No
 
 
 async def test_conversation_deleted_while_a_turn_begins(postgresql_url: str) -> None:
-    """begin_turn locks nothing between its read and its INSERT: a conversation deleted in
-    between fails the foreign key, and the turn is not found, with nothing written."""
+    """begin_turn locks nothing: a conversation whose delete commits while the turn's INSERT
+    checks its foreign key fails that check, and the turn is not found, with nothing written."""
     async with Store.open(postgresql_url) as store:
         conversation = await store.create_conversation(title=None, model=None, system=None)
         cid = conversation["id"]
-        deleted: list[str] = []
+        deleting: list[threading.Thread] = []
 
-        def delete_before_insert(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-            if statement.lstrip().upper().startswith("INSERT INTO MESSAGES") and not deleted:
-                deleted.append(cid)
-                run_asyncpg(
-                    plain_url(postgresql_url), f"DELETE FROM conversations WHERE id = '{cid}'"
+        def delete_meanwhile(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            if "INSERT INTO messages" in statement and not deleting:
+                pid = conn.connection.driver_connection.get_server_pid()
+                deleted = threading.Event()
+                thread = threading.Thread(
+                    target=delete_once_blocking, args=(postgresql_url, cid, pid, deleted)
                 )
+                deleting.append(thread)
+                thread.start()
+                assert deleted.wait(10)  # deleted, not yet committed
 
-        event.listen(store._engine.sync_engine, "before_cursor_execute", delete_before_insert)
+        event.listen(store._engine.sync_engine, "before_cursor_execute", delete_meanwhile)
         with trio.fail_after(20):
             assert await store.begin_turn(cid, content="hi", model=None, **LEASE) is None
-        event.remove(store._engine.sync_engine, "before_cursor_execute", delete_before_insert)
-        assert deleted == [cid]
+        event.remove(store._engine.sync_engine, "before_cursor_execute", delete_meanwhile)
+        [thread] = deleting
+        thread.join(10)
         count = f"SELECT count(*) FROM messages WHERE conversation_id = '{cid}'"
         assert await execute(store, count) == [0]
+
+
+def delete_once_blocking(url: str, cid: str, pid: int, deleted: threading.Event) -> None:
+    """Delete the conversation in a transaction, and commit it once backend ``pid`` waits for
+    that transaction's row lock (its foreign key check)."""
+
+    async def main() -> None:
+        conn = await asyncpg.connect(plain_url(url), timeout=10)
+        try:
+            async with conn.transaction():
+                await conn.execute("DELETE FROM conversations WHERE id = $1", cid)
+                deleted.set()
+                waiting = "SELECT wait_event_type FROM pg_stat_activity WHERE pid = $1"
+                for _ in range(1000):
+                    if await conn.fetchval(waiting, pid) == "Lock":
+                        return  # commit
+                    await asyncio.sleep(0.01)
+                raise AssertionError("the turn's INSERT never waited for the delete")
+        finally:
+            await conn.close()
+
+    asyncio.run(main())
 
 
 async def test_sqlite_lock_held_past_busy_timeout(tmp_path: Path) -> None:
