@@ -89,6 +89,13 @@ class Store:
         self._postgresql = engine.dialect.name == "postgresql"
         # Writes take SQLite's write lock at BEGIN (_database.configure_sqlite); no-op on PG.
         self._writer = engine.execution_options(chatsrv_begin="IMMEDIATE")
+        # A write that is one statement is atomic by itself: on PostgreSQL it runs without
+        # BEGIN and COMMIT, two round trips fewer (a turn's start, checkpoints and final commit).
+        self._one_statement = (
+            engine.execution_options(isolation_level="AUTOCOMMIT")
+            if self._postgresql
+            else self._writer
+        )
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -300,7 +307,7 @@ class Store:
             "system_prompt": system,
             "created_at": CLOCK.now(),
         }
-        async with self._writer.begin() as conn:
+        async with self._one_statement.begin() as conn:
             await conn.execute(insert(conversations), row)
         return conversation_record(row)
 
@@ -320,7 +327,7 @@ class Store:
         return None if row is None else conversation_record(row)
 
     async def _delete_conversation(self, cid: str) -> bool:
-        async with self._writer.begin() as conn:
+        async with self._one_statement.begin() as conn:
             result = await conn.execute(delete(conversations).where(conversations.c.id == cid))
         return result.rowcount > 0
 
@@ -374,7 +381,8 @@ class Store:
             lease_expires_at=assistant_at + timedelta(seconds=turn.lease_s),
         )
         read = _conversation_and_history(cid)
-        async with self._writer.begin() as conn:
+        # One statement on PostgreSQL; SQLite's two share a transaction.
+        async with self._one_statement.begin() as conn:
             if self._postgresql:
                 # The INSERT selects the conversation's row itself, so that it inserts nothing
                 # when there is none; the read's snapshot does not see the new rows.
@@ -439,7 +447,7 @@ class Store:
                 lease_expires_at=now + timedelta(seconds=lease_s),
             )
         )
-        async with self._writer.begin() as conn:
+        async with self._one_statement.begin() as conn:
             result = await conn.execute(statement)
         return result.rowcount > 0
 
@@ -475,7 +483,7 @@ class Store:
                 updated_at=now,
             )
         )
-        async with self._writer.begin() as conn:
+        async with self._one_statement.begin() as conn:
             swept = (await conn.execute(crashed)).rowcount
         return swept
 
@@ -488,7 +496,7 @@ class Store:
             )
             .values(idempotency_key=None)
         )
-        async with self._writer.begin() as conn:
+        async with self._one_statement.begin() as conn:
             await conn.execute(forgotten)
 
     async def _finish_reply(self, mid: str, values: dict[str, Any]) -> bool:
@@ -497,7 +505,7 @@ class Store:
             .where(messages.c.id == mid, messages.c.role == "assistant")
             .values(**values, updated_at=CLOCK.now())
         )
-        async with self._writer.begin() as conn:
+        async with self._one_statement.begin() as conn:
             result = await conn.execute(statement)
         return result.rowcount > 0
 
