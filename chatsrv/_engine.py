@@ -128,6 +128,10 @@ class TurnEngine:
         """The assistant message ids of the turns running now."""
         return list(self._turns)
 
+    def turns(self) -> list[Turn]:
+        """The turns running now."""
+        return list(self._turns.values())
+
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
             async with trio.open_nursery() as nursery:

@@ -187,7 +187,7 @@ async def post_message(conversation_id: str) -> Response:
         if existing.assistant_message["status"] == "streaming":
             raise
         return _event_stream(replayed(existing.user_message, existing.assistant_message))
-    return _event_stream(relay(turn, heartbeat_s=service.settings.heartbeat_s))
+    return _event_stream(relay(turn))
 
 
 def _idempotency_key() -> str | None:

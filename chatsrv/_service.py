@@ -22,6 +22,7 @@ from ._engine import TurnEngine
 from ._journal import Journal
 from ._persister import Persister
 from ._provider import open_provider
+from ._relay import keep_alive
 from ._settings import Settings
 from ._store import Store
 
@@ -77,6 +78,9 @@ async def run_service(
                 )
                 nursery.start_soon(
                     partial(recovery.recover_forever, journal, store, instance_id, interval_s=every)
+                )
+                nursery.start_soon(
+                    partial(keep_alive, engine.turns, heartbeat_s=settings.heartbeat_s)
                 )
                 task_status.started(service)
                 await service._stop.wait()

@@ -75,6 +75,7 @@ class Turn:
         self.generation_scope = trio.CancelScope(deadline=deadline)
         self.stop_reason: str | None = None  # why stop() was called, if it was
         self._changed = trio.Event()
+        self.changes = 0  # wake-ups of the relays: deltas appended, the finish, pings
         self.relayed = trio.Event()  # set when the first relay attaches
         self._relays = 0
         self._on_orphaned = on_orphaned
@@ -109,7 +110,12 @@ class Turn:
         self.finished.set()
         self._notify()
 
+    def ping(self) -> None:
+        """Wake the relays with nothing new: each sends a ping (see ``_relay.keep_alive``)."""
+        self._notify()
+
     def _notify(self) -> None:
+        self.changes += 1
         self._changed.set()
         self._changed = trio.Event()
 

@@ -101,7 +101,7 @@ async def test_deltas_that_arrive_together_go_out_as_one_event(
     engine: TurnEngine, store: GatedStore
 ) -> None:
     turn = await engine.start_turn(await new_request(store))
-    events = [event async for event in relay(turn, heartbeat_s=15)]
+    events = [event async for event in relay(turn)]
     deltas = [event for event in events if b"event: delta" in event]
     assert deltas == [b'id: 5\nevent: delta\ndata: {"content":"abcde"}\n\n']
 
@@ -144,6 +144,6 @@ async def test_a_turn_starting_when_the_drain_begins_gets_its_grace(
             await store.entered.wait()
             engine.drain()
             store.gate.set()
-        events = [event async for event in relay(turns[0], heartbeat_s=15)]
+        events = [event async for event in relay(turns[0])]
     assert events[-1].startswith(b'event: done\ndata: {"message_id"')
     assert b'"status":"complete"' in events[-1]

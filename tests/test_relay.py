@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+
 import trio
 import trio.testing
 
-from chatsrv._relay import PING, relay
+from chatsrv._relay import PING, keep_alive, relay
 from chatsrv._turn import Outcome, Status, Turn
 
 
@@ -28,7 +30,7 @@ def finish(turn: Turn, status: Status = Status.COMPLETE, stop_reason: str = "sto
 
 async def test_waiting_deltas_go_out_as_one_event() -> None:
     turn = make_turn()
-    events = relay(turn, heartbeat_s=15)
+    events = relay(turn)
     assert (await events.__anext__()).startswith(b"event: start\n")
     for text in ("a", "bc", "déf"):
         turn.extend([text])
@@ -47,7 +49,7 @@ async def test_relays_before_and_after_a_fold_get_the_same_text() -> None:
     far into one string; a relay that had read part of them, and one that had read none, go on
     from where they were."""
     turn = make_turn()
-    early, late = relay(turn, heartbeat_s=15), relay(turn, heartbeat_s=15)
+    early, late = relay(turn), relay(turn)
     await early.__anext__()
     await late.__anext__()
     turn.extend(["a", "bc"])
@@ -70,7 +72,7 @@ async def test_relays_before_and_after_a_fold_get_the_same_text() -> None:
 
 async def test_relay_does_not_wait_to_batch(autojump_clock: trio.testing.MockClock) -> None:
     turn = make_turn()
-    events = relay(turn, heartbeat_s=15)
+    events = relay(turn)
     await events.__anext__()
     received: list[bytes] = []
     async with trio.open_nursery() as nursery:
@@ -87,22 +89,38 @@ async def test_relay_does_not_wait_to_batch(autojump_clock: trio.testing.MockClo
     await events.aclose()
 
 
-async def test_ping_while_idle(autojump_clock: trio.testing.MockClock) -> None:
-    turn = make_turn()
-    events = relay(turn, heartbeat_s=15)
-    await events.__anext__()
-    start = trio.current_time()
-    assert await events.__anext__() == PING
-    assert trio.current_time() - start == 15
-    assert await events.__anext__() == PING
-    assert trio.current_time() - start == 30
-    await events.aclose()
+async def test_keep_alive_pings_only_quiet_streams(autojump_clock: trio.testing.MockClock) -> None:
+    """keep_alive looks every heartbeat / 2: a stream quiet since its last look gets a ping, so
+    none stays silent longer than the heartbeat; a stream with deltas gets none."""
+    busy, quiet = make_turn(), make_turn()
+    received: dict[Turn, list[tuple[float, bytes]]] = {busy: [], quiet: []}
+
+    async def read(turn: Turn) -> None:
+        async for event in relay(turn):
+            received[turn].append((trio.current_time(), event))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(functools.partial(keep_alive, lambda: [busy, quiet], heartbeat_s=10))
+        nursery.start_soon(read, busy)
+        nursery.start_soon(read, quiet)
+        for _ in range(9):
+            await trio.sleep(3)
+            busy.extend(["x"])
+        await trio.sleep(1)  # t = 28
+        finish(busy)
+        finish(quiet)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    assert [at for at, event in received[quiet] if event == PING] == [10, 15, 20, 25]
+    assert [event for _, event in received[busy] if event == PING] == []
+    for turn in (busy, quiet):
+        assert received[turn][-1][1].startswith(b"event: done\n")
 
 
 async def test_last_relay_leaving_orphans_the_turn() -> None:
     orphaned: list[Turn] = []
     turn = make_turn(orphaned)
-    first, second = relay(turn, heartbeat_s=15), relay(turn, heartbeat_s=15)
+    first, second = relay(turn), relay(turn)
     await first.__anext__()
     await second.__anext__()
     await first.aclose()
@@ -114,7 +132,7 @@ async def test_last_relay_leaving_orphans_the_turn() -> None:
 async def test_relay_leaving_a_finished_turn_orphans_nothing() -> None:
     orphaned: list[Turn] = []
     turn = make_turn(orphaned)
-    events = relay(turn, heartbeat_s=15)
+    events = relay(turn)
     finish(turn)
     chunks = [chunk async for chunk in events]
     assert chunks[-1].startswith(b"event: done\n")
@@ -127,7 +145,7 @@ async def test_failed_turn_sends_error_then_done() -> None:
     turn.outcome = Outcome(Status.FAILED, "upstream_error", "upstream_status", "HTTP 500")
     turn.persisted = True
     turn.finish()
-    body = b"".join([chunk async for chunk in relay(turn, heartbeat_s=15)])
+    body = b"".join([chunk async for chunk in relay(turn)])
     events = body.split(b"\n\n")[:-1]
     assert [event.split(b"\n")[0] for event in events] == [
         b"event: start",

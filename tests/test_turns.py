@@ -48,6 +48,31 @@ async def test_client_disconnect_after_k_deltas(chatsrv: Chatsrv, upstream: Any,
     assert row["content"] == "".join(TOKENS[:k])
 
 
+async def test_a_quiet_stream_gets_pings(chatsrv: Chatsrv, upstream: Any) -> None:
+    """While the upstream is silent the client receives ``: ping`` comments (heartbeat 0.2 s
+    here), then the reply as usual."""
+    upstream.script.tokens = TOKENS[:1]
+    upstream.script.gated = True
+    conversation_id = await chatsrv.new_conversation()
+    body = b""
+    with trio.fail_after(10):
+        async with chatsrv.client.stream(
+            "POST", f"/v1/conversations/{conversation_id}/messages", json={"content": "hi"}
+        ) as response:
+            async for data in response.aiter_bytes():
+                body += data
+                if body.count(b": ping\n\n") == 2:
+                    upstream.release(1)
+    events = body.split(b"\n\n")[:-1]
+    assert events[0].startswith(b"event: start\n")
+    assert events[1:3] == [b": ping", b": ping"]
+    assert events[3] == b'id: %d\nevent: delta\ndata: {"content":"%s"}' % (
+        len(TOKENS[0]),
+        TOKENS[0].encode(),
+    )
+    assert events[-1].startswith(b"event: done\n")
+
+
 async def test_deadline_keeps_the_partial_reply(start_chatsrv: StartChatsrv, upstream: Any) -> None:
     chatsrv = await start_chatsrv(turn_deadline_s=1.0)
     upstream.script.tokens = TOKENS
