@@ -11,8 +11,9 @@ setting of that database only, so nothing else is logged), and the server's log 
 between two byte offsets taken at the window's edges: every statement chatsrv's sessions
 started in the window, exactly, each classified by its first keyword (``BEGIN``, ``SELECT``,
 ``INSERT``, ``UPDATE``, ``COMMIT``, ``ROLLBACK``...). One thing does not appear there: asyncpg's
-empty query (``;``), which SQLAlchemy's ``pool_pre_ping`` sends between a ``BEGIN`` and a
-``ROLLBACK``; each such pair is counted as one ping, i.e. one more round trip.
+empty query (``;``), which a connection ping sends between a ``BEGIN`` and a ``ROLLBACK`` (chatsrv
+pings a pooled connection that sat idle for a second or more); each such pair is counted as one
+ping, i.e. one more round trip.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ class StatementLog:
 
 def summarize_statements(kinds: Counter[str], turns: int) -> dict[str, Any]:
     """Per turn: statements by kind, all statements, round trips, transactions."""
-    # A pre-ping is BEGIN; <empty query>; ROLLBACK. chatsrv itself never rolls back on success.
+    # A ping is BEGIN; <empty query>; ROLLBACK. chatsrv itself never rolls back on success.
     pings = kinds.get("ROLLBACK", 0)
     logged = sum(kinds.values())
     data = sum(n for kind, n in kinds.items() if kind not in {"BEGIN", "COMMIT", "ROLLBACK"})

@@ -61,7 +61,7 @@ PACKAGES = {
 _RELAY = "SSE relay generator (chatsrv/_relay.py) and Quart's body loop"
 _PERSISTER = "persister: channel receive, Turn.extend, checkpoints"
 STAGES = (
-    ("OpenAIProvider.generate", "upstream read: openai SDK, httpx2, httpcore, h11, trio socket"),
+    ("OpenAIProvider.generate", "upstream: HTTP transport, trio socket, SSE parsing, emit"),
     ("HTTPStream.app_send", "SSE write: hypercorn, h11, trio socket"),
     ("relay", _RELAY),
     ("ASGIHTTPConnection._send_response", _RELAY),
