@@ -158,6 +158,7 @@ async def test_sigkill_with_twenty_streams_then_restart(
     )
     streams: dict[str, Stream] = {}
     progress: dict[str, list[tuple[float, int]]] = {}  # (time, characters received)
+    all_streaming = trio.Event()  # every stream has had a delta
     async with trio.open_nursery() as nursery:
         server = await start_hypercorn(nursery, tmp_path, env, graceful_timeout=1.0)
         try:
@@ -174,10 +175,13 @@ async def test_sigkill_with_twenty_streams_then_restart(
                                 _: int, s: Stream = stream, p: list[Any] = progress[cid]
                             ) -> None:
                                 p.append((trio.current_time(), len(s.text)))
+                                if all(progress.values()):
+                                    all_streaming.set()
 
                             clients.start_soon(read_until_gone, api, cid, stream, seen)
                         # Let several checkpoint intervals pass with all twenty streaming.
-                        await trio.sleep(4 * interval_s)
+                        await all_streaming.wait()
+                        await trio.sleep(3 * interval_s)
                         killed_at = trio.current_time()
                         server.kill_all()
         finally:
