@@ -7,19 +7,22 @@ must wait for the client to have consumed what it sent waits for ``wait_all_task
 (then the client is parked in its next read), and timeouts and keep-alive expiry run on the
 autojump clock. Where a failure has a counterpart in httpx2's default transport, the test runs
 against both and asserts the same exception type. The chunked decoder is also fed seeded random
-splits directly, where hundreds of cases cost nothing. TLS is not tested here: that needs the
-``trustme`` package, which is not installed.
+splits directly, where hundreds of cases cost nothing. TLS runs against a server whose
+certificate comes from a throwaway CA made by ``trustme``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import random
 import socket
+import ssl
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx2
@@ -28,6 +31,7 @@ import orjson
 import pytest
 import trio
 import trio.testing
+import trustme
 
 from chatsrv._http11 import Http11Transport, _Chunked
 from tests.fake_upstream import DEFAULT_TOKENS, FakeUpstream
@@ -99,6 +103,7 @@ class Server:
     port: int = 0
     connections: int = 0
     requests: int = 0
+    alpn: list[str | None] = field(default_factory=list)  # TLS: the protocol of each connection
 
     @property
     def url(self) -> str:
@@ -583,3 +588,65 @@ async def test_openai_sdk_streams_through_it(upstream: FakeUpstream) -> None:
             contents = [orjson.loads(e)["choices"][0]["delta"].get("content") for e in events[1:-2]]
             assert contents == list(DEFAULT_TOKENS)
     assert len(upstream.clients) == 1  # both streams went over one kept-alive connection
+
+
+# --- TLS ------------------------------------------------------------------------------------------
+
+
+async def serve_tls(nursery: trio.Nursery, ca: trustme.CA, hostname: str) -> Server:
+    """Keep-alive over TLS, with a certificate for ``hostname`` signed by ``ca``."""
+    server = Server()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(hostname).configure_cert(context)
+    context.set_alpn_protocols(["http/1.1"])
+
+    async def handler(stream: trio.SSLStream[trio.SocketStream]) -> None:
+        server.connections += 1
+        with contextlib.suppress(trio.BrokenResourceError):  # a client that refused the handshake
+            await stream.do_handshake()
+            server.alpn.append(stream.selected_alpn_protocol())
+            await answer_each(Peer(stream, server))  # type: ignore[arg-type]  # a Stream will do
+
+    serve = functools.partial(trio.serve_ssl_over_tcp, handler, 0, context, host="127.0.0.1")
+    listeners = await nursery.start(serve)
+    server.port = listeners[0].transport_listener.socket.getsockname()[1]
+    return server
+
+
+def trusting(ca: trustme.CA) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    return context
+
+
+async def test_https_with_a_trusted_certificate(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The transport's own TLS context, as chatsrv uses it: the system's trust store (here the
+    test CA, through SSL_CERT_FILE), the name checked against the certificate, ALPN http/1.1,
+    and the TLS connection kept alive for the next request."""
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+    with trio.fail_after(TIME_LIMIT_S):
+        server = await serve_tls(nursery, ca, "localhost")
+        url = f"https://localhost:{server.port}/v1/path"
+        async with httpx2.AsyncClient(transport=Http11Transport()) as client:
+            for _ in range(2):
+                assert b"".join(await fetch(client, url)) == b"hello"
+        assert (server.connections, server.requests) == (1, 2)
+        assert server.alpn == ["http/1.1"]
+
+
+@pytest.mark.parametrize("case", ["unknown CA", "wrong hostname"])
+async def test_https_refuses_an_untrusted_certificate(nursery: trio.Nursery, case: str) -> None:
+    ca = trustme.CA()
+    trusted = trustme.CA() if case == "unknown CA" else ca
+    hostname = "localhost" if case == "unknown CA" else "other.example"
+    with trio.fail_after(TIME_LIMIT_S):
+        server = await serve_tls(nursery, ca, hostname)
+        transport = Http11Transport(ssl_context=trusting(trusted))
+        async with httpx2.AsyncClient(transport=transport) as client:
+            with pytest.raises(httpx2.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+                await client.get(f"https://localhost:{server.port}/")
+        assert server.requests == 0
