@@ -7,9 +7,11 @@ it through httpx2's public seam: ``openai.DefaultAsyncHttpxClient(transport=Http
 Why. With the SDK's default transport, a token that arrives in its own socket read was profiled
 at ~63 µs of CPU before our code sees it: httpcore2's pool and connection streams, h11's chunked
 reader (~17 µs alone), an exception-mapping context manager and an anyio timeout per read. Here
-a wake-up is one ``receive_some(65536)`` under one cancel scope, and a chunked body is decoded in
-bulk: all the complete data of one read comes out as one ``bytes``. h11 still writes the request
-and parses the response head, where correctness matters more than speed.
+a wake-up is one read of up to 64 KiB (of the socket itself, without TLS), and a chunked body is
+decoded in bulk: all the complete data of one read comes out as one ``bytes``. h11 still writes
+the request and parses the response head, where correctness matters more than speed. With
+``time_body_reads=False`` a body's reads get no timeout, and no cancel scope each: the caller
+watches for silence itself (``_openai`` does, with one scope per stream).
 
 What it does not do: HTTP/2; proxies (httpx2 ignores ``HTTP(S)_PROXY`` once a transport is
 given, so keep the SDK's default transport when a proxy is configured); protocol upgrades; a
@@ -67,11 +69,15 @@ class Http11Transport(httpx2.AsyncBaseTransport):
         ssl_context: ssl.SSLContext | None = None,
         max_idle: int = 100,
         keepalive_s: float = 5.0,
+        time_body_reads: bool = True,
     ) -> None:
         if ssl_context is None:
-            ssl_context = ssl.create_default_context()  # system CAs, hostname checked
+            # The CAs httpx2's own transport trusts (SSL_CERT_FILE/DIR, the OS store on macOS
+            # and Windows, the system bundle on Linux); hostnames checked.
+            ssl_context = httpx2.create_ssl_context()
             ssl_context.set_alpn_protocols(["http/1.1"])
         self._ssl_context = ssl_context
+        self._time_body_reads = time_body_reads
         self._max_idle = max_idle
         self._keepalive_s = keepalive_s
         self._idle: list[_Connection] = []  # oldest first
@@ -190,7 +196,9 @@ class Http11Transport(httpx2.AsyncBaseTransport):
         return httpx2.Response(
             head.status_code,
             headers=head.headers.raw_items(),
-            stream=_ResponseBody(conn, decoder, leftover, read_s, pool),
+            stream=_ResponseBody(
+                conn, decoder, leftover, read_s if self._time_body_reads else math.inf, pool
+            ),
             extensions={"http_version": b"HTTP/" + head.http_version, "reason_phrase": head.reason},
         )
 
@@ -314,8 +322,8 @@ _SIZE, _DATA, _DATA_END, _TRAILER = range(4)
 
 
 class _Chunked(_UntilClose):
-    """``Transfer-Encoding: chunked``, over reads split anywhere. Chunk extensions and trailers
-    are checked for shape, then dropped."""
+    """``Transfer-Encoding: chunked``, over reads split anywhere. Chunk extensions are checked
+    for shape, trailers only for size; both are dropped."""
 
     def __init__(self) -> None:
         self._state = _SIZE

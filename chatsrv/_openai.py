@@ -11,12 +11,14 @@ about half the CPU of httpx2's own transport.
 
 How each failure is mapped (``UpstreamError.code``)::
 
-    before the first byte, raised by the SDK:
+    before the response head, raised by the SDK (each attempt has llm_timeout_s to answer):
       openai.APIStatusError (4xx/5xx, after the SDK's retries)   upstream_status + status_code
       openai.APIConnectionError, APITimeoutError                 upstream_connection
       any other openai.OpenAIError                               upstream_protocol
-    while streaming, raised raw by httpx2 (or by the lean transport, as httpx2's) from the body:
-      httpx2.TimeoutException (silent for llm_timeout_s)          upstream_connection
+    while streaming:
+      silent for llm_timeout_s (chatsrv's own watch, _Silence)    upstream_connection
+    raised raw by httpx2 (or by the lean transport, as httpx2's) from the body:
+      httpx2.TimeoutException (httpx2's transport only)           upstream_connection
       httpx2.NetworkError (reset); with httpx2's transport,
         the anyio and ssl errors beneath it                       upstream_connection
       httpx2.RemoteProtocolError (the body was cut off), any
@@ -91,13 +93,9 @@ class OpenAIProvider:
             base_url=settings.llm_base_url,
             api_key=key or KEYLESS_PLACEHOLDER,
             max_retries=settings.llm_max_retries,
-            # No read timeout: generate() watches for silence itself (see _Silence).
-            timeout=openai.Timeout(
-                connect=CONNECT_TIMEOUT_S,
-                read=None,
-                write=settings.llm_timeout_s,
-                pool=settings.llm_timeout_s,
-            ),
+            # read: the longest wait for a response head, per attempt; the body's silences are
+            # watched by generate() (see _Silence). write and pool share it.
+            timeout=openai.Timeout(settings.llm_timeout_s, connect=CONNECT_TIMEOUT_S),
             http_client=_http_client(settings.llm_transport),
         )
 
@@ -107,20 +105,20 @@ class OpenAIProvider:
 
     async def generate(self, prompt: Prompt, emit: Callable[[str], None]) -> Completion:
         messages = cast("Iterable[ChatCompletionMessageParam]", prompt.messages)
-        silence = _Silence(self._read_timeout_s)
         try:
-            with silence.scope:
-                # `async with` closes the HTTP response on every exit, trio.Cancelled included,
-                # so a cancelled turn drops the upstream connection instead of reading it to
-                # the end.
-                async with self._client.chat.completions.with_streaming_response.create(
-                    model=prompt.model,
-                    messages=messages,
-                    stream=True,
-                    stream_options={"include_usage": True},
-                ) as response:
-                    lines = _lines(response.http_response.aiter_bytes())
-                    async with aclosing(lines):
+            # `async with` closes the HTTP response on every exit, trio.Cancelled included, so a
+            # cancelled turn drops the upstream connection instead of reading it to the end.
+            async with self._client.chat.completions.with_streaming_response.create(
+                model=prompt.model,
+                messages=messages,
+                stream=True,
+                stream_options={"include_usage": True},
+            ) as response:
+                lines = _lines(response.http_response.aiter_bytes())
+                async with aclosing(lines):
+                    # From the response head on: the SDK's retries and their waits are over.
+                    silence = _Silence(self._read_timeout_s)
+                    with silence.scope:
                         try:
                             completion = await _read_stream(lines, emit, silence)
                         except Exception:
@@ -128,11 +126,11 @@ class OpenAIProvider:
                             raise
                         await _drain(lines)
                         return completion
-            # Only the silence watch's scope, cancelled, lands here.
-            raise UpstreamError(
-                f"the upstream sent nothing for {self._read_timeout_s:g} s",
-                code="upstream_connection",
-            )
+                    # Only the silence watch's scope, cancelled, lands here.
+                    raise UpstreamError(
+                        f"the upstream sent nothing for {self._read_timeout_s:g} s",
+                        code="upstream_connection",
+                    )
         except openai.APIStatusError as exc:
             raise UpstreamError(
                 f"the upstream answered HTTP {exc.status_code}: {_detail(exc.body, exc.message)}",
@@ -174,15 +172,15 @@ def _http_client(transport: str) -> httpx2.AsyncClient | None:
     log.info("upstream HTTP transport: %s", transport)
     if transport == "httpx":
         return None
-    return openai.DefaultAsyncHttpxClient(transport=Http11Transport())
+    return openai.DefaultAsyncHttpxClient(transport=Http11Transport(time_body_reads=False))
 
 
 class _Silence:
-    """The longest silence allowed from the upstream, from the request to the end of the body,
-    watched by one cancel scope per stream. (A read timeout in the HTTP stack opens a cancel
-    scope per read, ~5% of a worker's CPU when each token comes in its own read.) Its deadline
-    moves at most every sixteenth of the timeout, so it strikes after a silence of between
-    ``timeout_s`` and 17/16 of it."""
+    """The longest silence allowed in a response body, watched by one cancel scope per stream.
+    (A read timeout in the HTTP stack opens a cancel scope per read, ~5% of a worker's CPU when
+    each token comes in its own read; the lean transport leaves body reads untimed for this.)
+    Its deadline moves at most every sixteenth of the timeout, so it strikes after a silence of
+    between ``timeout_s`` and 17/16 of it."""
 
     def __init__(self, timeout_s: float) -> None:
         self._timeout_s = timeout_s

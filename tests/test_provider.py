@@ -225,7 +225,7 @@ async def test_silent_upstream_times_out(upstream: FakeUpstream) -> None:
 
 
 async def test_upstream_silent_before_answering_times_out() -> None:
-    """The silence watch covers the wait for the response head too, not only the body."""
+    """Each attempt waits llm_timeout_s for a response head; then the SDK's error says so."""
 
     async def never_answer(stream: trio.SocketStream) -> None:
         await trio.sleep_forever()
@@ -242,7 +242,30 @@ async def test_upstream_silent_before_answering_times_out() -> None:
             assert trio.current_time() - start >= SILENCE_TIMEOUT_S
         nursery.cancel_scope.cancel()
     assert error.code == "upstream_connection"
-    assert "sent nothing for 0.5 s" in error.message
+    assert "did not answer in time" in error.message
+    assert deltas == []
+
+
+async def test_a_stream_longer_than_the_timeout_is_not_cut(upstream: FakeUpstream) -> None:
+    """The silence watch moves with the lines: 0.95 s of tokens 50 ms apart, a 0.5 s timeout."""
+    upstream.script = Script(tokens=TOKENS, interval_s=0.05)
+    settings = openai_settings(upstream.base_url, llm_timeout_s=SILENCE_TIMEOUT_S)
+    async with open_provider(settings) as opened:
+        start = trio.current_time()
+        deltas, completion = await generate(opened)
+        assert trio.current_time() - start > 1.5 * SILENCE_TIMEOUT_S
+    assert deltas == TOKENS
+    assert completion.finish_reason == "stop"
+
+
+async def test_retries_of_a_refusal_do_not_count_as_silence(upstream: FakeUpstream) -> None:
+    """The SDK's wait before a retry (~0.4-0.5 s for a 429) outlasts the 0.2 s timeout: the error
+    is still the upstream's status, not a silence."""
+    upstream.script = Script(error_status=429)
+    settings = openai_settings(upstream.base_url, llm_timeout_s=0.2, llm_max_retries=1)
+    async with open_provider(settings) as opened:
+        deltas, error = await generate_failing(opened)
+    assert (error.code, error.status_code) == ("upstream_status", 429)
     assert deltas == []
 
 
