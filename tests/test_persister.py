@@ -3,6 +3,7 @@ it is asked to write. Deterministic (autojump clock); the real store is tested e
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 from typing import Any, cast
@@ -12,6 +13,7 @@ import trio.testing
 
 from chatsrv._journal import Journal
 from chatsrv._persister import Persister
+from chatsrv._relay import keep_alive
 from chatsrv._settings import Settings
 from chatsrv._store import Store
 from chatsrv._turn import Outcome, Status, Turn
@@ -39,7 +41,8 @@ async def test_checkpoints_count_from_the_first_delta(
     autojump_clock: trio.testing.MockClock, tmp_path: Path
 ) -> None:
     """An upstream slow to answer costs no checkpoint, and one every interval from the first
-    delta on: 2.5 intervals of deltas make two checkpoints."""
+    delta on: 2.5 intervals of deltas make two checkpoints. The keep-alive pings that wake the
+    turn's relays meanwhile do not start the clock."""
     store = RecordingStore()
     settings = Settings(database_url="sqlite:///unused.db", checkpoint_interval_s=1.0)
     persister = Persister(cast(Store, store), Journal(tmp_path, "test"), settings, owner="test")
@@ -53,6 +56,7 @@ async def test_checkpoints_count_from_the_first_delta(
     )
     deltas_tx, deltas_rx = trio.open_memory_channel[str](math.inf)
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(functools.partial(keep_alive, lambda: [turn], heartbeat_s=1.0))
         nursery.start_soon(persister.run, turn, deltas_rx)
         with deltas_tx:
             await trio.sleep(3.7)  # the upstream takes its time to answer
@@ -62,6 +66,8 @@ async def test_checkpoints_count_from_the_first_delta(
                     await trio.sleep(0.5)
                 deltas_tx.send_nowait(str(i))
             turn.outcome = Outcome(Status.COMPLETE, "stop")
+        await turn.finished.wait()
+        nursery.cancel_scope.cancel()
     assert [(at - first, content) for at, content in store.checkpoints] == [
         (1.0, "01"),
         (2.0, "0123"),
