@@ -194,9 +194,12 @@ async def test_cut_idle_pooled_connection_is_replaced_by_the_ping(
             assert (proxy.accepted, proxy.connections) == (2, 1)
 
 
-async def test_cut_connection_in_steady_use_fails_once(pg_proxy: ProxiedDatabase) -> None:
+async def test_cut_connection_in_steady_use_fails_once(
+    pg_proxy: ProxiedDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A connection back in use within PING_AFTER_IDLE_S is not pinged: its loss fails one call,
     transiently, and the pool is discarded so that the next call connects afresh."""
+    monkeypatch.setattr(chatsrv._database, "PING_AFTER_IDLE_S", 3600.0)  # however slow the test
     proxy = pg_proxy.proxy
     with trio.fail_after(TIME_LIMIT_S):
         async with Store.open(pg_proxy.url, init_schema=False) as store:
