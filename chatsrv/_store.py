@@ -371,25 +371,21 @@ class Store:
         on SQLite. Nothing is locked: a conversation deleted meanwhile fails the INSERT's
         foreign key check, which :meth:`_begin_turn` answers as not found."""
         cid = turn.cid
-        user_at, assistant_at = CLOCK.now(), CLOCK.now()
-        user = new_message(cid, "user", turn.content, "complete", None, user_at)
-        assistant = new_message(cid, "assistant", "", "streaming", None, assistant_at)
-        assistant.update(
-            parent_id=user["id"],
-            idempotency_key=turn.idempotency_key,
-            owner=turn.owner,
-            lease_expires_at=assistant_at + timedelta(seconds=turn.lease_s),
-        )
         read = _conversation_and_history(cid)
         # One statement on PostgreSQL; SQLite's two share a transaction.
         async with self._one_statement.begin() as conn:
             if self._postgresql:
                 # The INSERT selects the conversation's row itself, so that it inserts nothing
-                # when there is none; the read's snapshot does not see the new rows.
+                # when there is none; the read's snapshot does not see the new rows. (So a turn
+                # started concurrently in the same conversation may be stored before this one
+                # and still be missing from its prompt.)
+                user, assistant = _turn_messages(turn)
                 insert_turn = _insert_messages_of(cid, [user, assistant], turn)
                 rows = (await conn.execute(read.add_cte(insert_turn.cte("turn")))).all()
             else:
                 rows = (await conn.execute(read)).all()
+                # Stamped under the write lock, after the read: stored order is prompt order.
+                user, assistant = _turn_messages(turn)
             if not rows:
                 return None
             (_, conversation_model, system_prompt), *earlier = rows
@@ -538,6 +534,20 @@ def _conversation_and_history(cid: str) -> Select[int, str | None, str | None]:
     return select(ordered.c.part, ordered.c.role, ordered.c.content).order_by(
         ordered.c.part, ordered.c.created_at, ordered.c.id
     )
+
+
+def _turn_messages(turn: NewTurn) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A turn's user message and its assistant message, streaming, leased, its model unset."""
+    user_at, assistant_at = CLOCK.now(), CLOCK.now()
+    user = new_message(turn.cid, "user", turn.content, "complete", None, user_at)
+    assistant = new_message(turn.cid, "assistant", "", "streaming", None, assistant_at)
+    assistant.update(
+        parent_id=user["id"],
+        idempotency_key=turn.idempotency_key,
+        owner=turn.owner,
+        lease_expires_at=assistant_at + timedelta(seconds=turn.lease_s),
+    )
+    return user, assistant
 
 
 def _reply_model(turn: NewTurn, conversation_model: str | None) -> str:

@@ -1,8 +1,8 @@
 """A turn's state: its ids, the reply as its persister holds it, and how it ended.
 
 A :class:`Turn` is written by its turn task (the outcome, in the generation) and its persister
-(the reply, ``persisted``, ``finished``), and read by any number of relays. How the tasks around
-it are arranged is drawn in ``_engine.py``.
+(the reply, ``persisted``, ``finished``), pinged by the process's keep-alive task, and read by
+any number of relays. How the tasks around it are arranged is drawn in ``_engine.py``.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ class Turn:
         return self._folded[length:] + "".join(self._recent)
 
     async def wait_changed(self) -> None:
-        """Wait until a chunk is appended or the turn finishes."""
+        """Wait until deltas are appended, the turn finishes, or it is pinged."""
         await self._changed.wait()
 
     def attach(self) -> None:
