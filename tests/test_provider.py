@@ -11,8 +11,9 @@ chatsrv's lean HTTP transport and over httpx2's, the SDK's default (``CHATSRV_LL
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -189,18 +190,27 @@ async def test_unreachable_upstream() -> None:
     assert deltas == []
 
 
+@contextlib.asynccontextmanager
+async def raw_upstream(
+    handle: Callable[[trio.SocketStream], Awaitable[None]],
+) -> AsyncIterator[str]:
+    """A loopback server that runs ``handle`` on each connection; yields its base URL."""
+    async with trio.open_nursery() as nursery:
+        serve = functools.partial(trio.serve_tcp, handle, 0, host="127.0.0.1")
+        [listener] = await nursery.start(serve)
+        yield f"http://127.0.0.1:{listener.socket.getsockname()[1]}/v1"
+        nursery.cancel_scope.cancel()
+
+
 async def test_upstream_hanging_up_before_answering() -> None:
     async def hang_up(stream: trio.SocketStream) -> None:
         await stream.aclose()
 
-    async with trio.open_nursery() as nursery:
-        [listener] = await nursery.start(
-            functools.partial(trio.serve_tcp, hang_up, 0, host="127.0.0.1")
-        )
-        port = listener.socket.getsockname()[1]
-        async with open_provider(openai_settings(f"http://127.0.0.1:{port}/v1")) as opened:
-            deltas, error = await generate_failing(opened)
-        nursery.cancel_scope.cancel()
+    async with (
+        raw_upstream(hang_up) as base_url,
+        open_provider(openai_settings(base_url)) as opened,
+    ):
+        deltas, error = await generate_failing(opened)
     assert error.code == "upstream_connection"
     assert deltas == []
 
@@ -230,17 +240,12 @@ async def test_upstream_silent_before_answering_times_out() -> None:
     async def never_answer(stream: trio.SocketStream) -> None:
         await trio.sleep_forever()
 
-    async with trio.open_nursery() as nursery:
-        [listener] = await nursery.start(
-            functools.partial(trio.serve_tcp, never_answer, 0, host="127.0.0.1")
-        )
-        port = listener.socket.getsockname()[1]
-        settings = openai_settings(f"http://127.0.0.1:{port}/v1", llm_timeout_s=SILENCE_TIMEOUT_S)
+    async with raw_upstream(never_answer) as base_url:
+        settings = openai_settings(base_url, llm_timeout_s=SILENCE_TIMEOUT_S)
         async with open_provider(settings) as opened:
             start = trio.current_time()
             deltas, error = await generate_failing(opened)
             assert trio.current_time() - start >= SILENCE_TIMEOUT_S
-        nursery.cancel_scope.cancel()
     assert error.code == "upstream_connection"
     assert "did not answer in time" in error.message
     assert deltas == []
