@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import trio
 
 from bench import _profile, _report
 from bench._pg import DEFAULT_SERVER, Database, fresh_database
@@ -99,8 +100,26 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def speed_us() -> float:
+    """How fast this machine is right now: µs per step of a fixed Trio workload (a checkpoint,
+    an orjson round trip of a chunk), the best of 20 runs. The VM's speed drifts by 2x between
+    days; figures from different runs compare only in proportion to this."""
+    chunk = {"choices": [{"index": 0, "delta": {"content": " token"}, "finish_reason": None}]}
+    steps = 5_000
+
+    async def workload() -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            await trio.lowlevel.checkpoint()
+            orjson.loads(orjson.dumps(chunk))
+        return (time.perf_counter() - start) / steps * 1e6
+
+    return round(min(trio.run(workload) for _ in range(20)), 2)
+
+
 def machine(database: Database | None, ref: str | None = None) -> dict[str, Any]:
     info: dict[str, Any] = {
+        "speed_us": speed_us(),
         "cores": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
