@@ -56,7 +56,7 @@ def ping_when_idle(engine: AsyncEngine, *, idle_s: float) -> None:
     """Ping a connection at checkout only if it sat idle in the pool for ``idle_s`` or more.
 
     This replaces ``pool_pre_ping``, which pings at every checkout: one more round trip (and,
-    logged, a BEGIN and a ROLLBACK) for each of a turn's five or six transactions. A connection
+    logged, a BEGIN and a ROLLBACK) for each of a turn's writes. A connection
     the server dropped while idle is still replaced before it fails a write; one dropped while
     in steady use fails its next statement, which SQLAlchemy answers by discarding the whole
     pool, and which the store reports as :class:`StoreUnavailable` for its callers to retry.
