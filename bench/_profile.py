@@ -58,7 +58,7 @@ PACKAGES = {
 
 # Where a sample's CPU goes, decided by the first of these that its stack contains (by function
 # name), in this order; a stack of the trio thread that has none of them is the scheduler's own.
-_RELAY = "SSE relay generator (chatsrv/_relay.py) and Quart's body loop"
+_RELAY = "SSE relay generator (chatsrv/http/_relay.py) and Quart's body loop"
 _PERSISTER = "persister: channel receive, Turn.extend, checkpoints"
 STAGES = (
     ("OpenAIProvider.generate", "upstream: HTTP transport, trio socket, SSE parsing, emit"),

@@ -20,8 +20,8 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from ._service import Service
 from ._settings import Settings
-from ._store import Store
 from .app import create_app
+from .store import Store
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,14 +17,19 @@ from functools import partial
 
 import trio
 
-from . import _recovery as recovery
-from ._engine import TurnEngine
-from ._journal import Journal
-from ._persister import Persister
-from ._provider import open_provider
-from ._relay import keep_alive
 from ._settings import Settings
-from ._store import Store
+from .engine import (
+    Journal,
+    Persister,
+    TurnEngine,
+    keep_leases,
+    new_instance_id,
+    recover_forever,
+    replay,
+)
+from .http import keep_alive
+from .store import Store
+from .upstream import open_provider
 
 
 @dataclass
@@ -49,7 +54,7 @@ async def run_service(
     """Run until ``service.stop()`` or until this task is cancelled (then every running turn is
     stopped and saved before the store closes)."""
     service: Service | None = None
-    instance_id = recovery.new_instance_id()
+    instance_id = new_instance_id()
     try:
         async with (
             Store.open(
@@ -72,12 +77,10 @@ async def run_service(
                     return engine.running() + journal.unreplayed()
 
                 nursery.start_soon(
-                    partial(
-                        recovery.keep_leases, store, instance_id, ours, lease_s=settings.lease_s
-                    )
+                    partial(keep_leases, store, instance_id, ours, lease_s=settings.lease_s)
                 )
                 nursery.start_soon(
-                    partial(recovery.recover_forever, journal, store, instance_id, interval_s=every)
+                    partial(recover_forever, journal, store, instance_id, interval_s=every)
                 )
                 nursery.start_soon(
                     partial(keep_alive, engine.turns, heartbeat_s=settings.heartbeat_s)
@@ -89,7 +92,7 @@ async def run_service(
             # What this process journaled while draining goes to the database now if it can
             # (bounded): on a host that is not coming back, nobody else would replay it.
             with trio.move_on_after(settings.persist_grace_s):
-                await recovery.replay(journal, store)
+                await replay(journal, store)
     finally:
         if service is not None:
             service.closed.set()

@@ -21,10 +21,9 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from ._errors import ChatsrvError, StoreError
-from ._hypercorn import watch_worker_shutdown, worker_shutdown_event
-from ._routes import api
 from ._service import Service, run_service
 from ._settings import Settings
+from .http import api, watch_worker_shutdown, worker_shutdown_event
 
 log = logging.getLogger("chatsrv")
 

@@ -6,7 +6,7 @@
   is never skipped: without a server the tests fail and say how to provide one.
 - ``database_url`` (function, ``sqlite``/``postgresql``): a SQLite file in ``tmp_path``, or the
   PostgreSQL database emptied for this test.
-- ``store``: a :class:`~chatsrv._store.Store` opened on ``database_url``.
+- ``store``: a :class:`~chatsrv.store.Store` opened on ``database_url``.
 
 The setup code is synchronous (it runs before the test's Trio run), so it drives asyncpg with a
 plain ``asyncio.run``.
@@ -29,7 +29,7 @@ import asyncpg
 import pytest
 from sqlalchemy.engine import make_url
 
-from chatsrv._store import Store
+from chatsrv.store import Store
 
 DATABASE_URL_VARIABLE = "CHATSRV_TEST_DATABASE_URL"
 

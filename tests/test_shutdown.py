@@ -18,7 +18,7 @@ import httpx
 import pytest
 import trio
 
-from chatsrv._store import Store
+from chatsrv.store import Store
 from tests.processes import chatsrv_environment, start_hypercorn
 from tests.server import ApiClient, Stream
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import trio
 
-from chatsrv._store import Store
+from chatsrv.store import Store
 
 
 async def begin(

@@ -1,11 +1,10 @@
 """The store: conversations and messages in PostgreSQL or SQLite, behind a Trio-facing API.
 
-It owns the database completely: the SQLAlchemy async engine and its pool, the asyncio loop they
-run on (an :class:`~chatsrv._aio.AsyncioThread`), the schema, and the error boundary: every
-driver exception leaves as :class:`~chatsrv._errors.StoreError`, or as
-:class:`~chatsrv._errors.StoreUnavailable` when a retry may succeed (see ``_database.py``, which
-also builds the engine, and ``_tables.py``). Nothing else in chatsrv imports SQLAlchemy, asyncpg
-or aiosqlite.
+The ``Store`` class is the layer's one door: the asyncio loop the engine runs on (an
+:class:`~chatsrv.store._aio.AsyncioThread`), the schema's application, and the error boundary:
+every driver exception leaves as :class:`~chatsrv._errors.StoreError`, or as
+:class:`~chatsrv._errors.StoreUnavailable` when a retry may succeed (``_database.py`` maps them and
+builds the engine). The statements themselves are built in ``_statements.py``.
 
 Every public method is one hop to the asyncio loop running one coroutine, which checks one
 connection out of the pool and runs one short transaction: no connection is held across calls,
@@ -23,34 +22,17 @@ from collections.abc import AsyncIterator, Coroutine
 from datetime import timedelta
 from typing import Any, Final, TypeVar
 
-import orjson
 import trio
-from sqlalchemy import (
-    ColumnElement,
-    Insert,
-    Row,
-    Select,
-    Text,
-    and_,
-    delete,
-    exc,
-    func,
-    insert,
-    inspect,
-    literal,
-    or_,
-    select,
-    text,
-    union_all,
-    update,
-)
+from sqlalchemy import Row, exc, insert, inspect, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from chatsrv._aio import AsyncioThread, BridgeClosed, open_asyncio_thread
-from chatsrv._database import create_engine, map_error
 from chatsrv._errors import StoreError
-from chatsrv._records import (
+
+from . import _statements as sql
+from ._aio import AsyncioThread, BridgeClosed, open_asyncio_thread
+from ._database import create_engine, map_error
+from ._records import (
     CLOCK,
     Conversation,
     Message,
@@ -58,11 +40,10 @@ from chatsrv._records import (
     TurnStart,
     conversation_record,
     message_record,
-    new_message,
     parse_id,
 )
-from chatsrv._tables import MESSAGE_STATUSES, TABLE_NAMES, conversations, messages
-from chatsrv._tables import schema_statements as _schema_statements
+from ._tables import MESSAGE_STATUSES, TABLE_NAMES, conversations
+from ._tables import schema_statements as _schema_statements
 
 logger = logging.getLogger(__name__)
 
@@ -75,9 +56,6 @@ _SCHEMA_LOCK_KEY: Final = 0x6368617473727631
 
 # Rows per lease-renewing UPDATE (a bound on the statement's parameters).
 _LEASE_BATCH: Final = 500
-
-# How long an Idempotency-Key names its turn.
-IDEMPOTENCY_WINDOW: Final = timedelta(hours=24)
 
 
 class Store:
@@ -253,15 +231,12 @@ class Store:
         if mid is None:
             await trio.lowlevel.checkpoint()
             return False
-        # PostgreSQL's text and JSONB cannot hold U+0000. The content is cleaned where it
-        # enters (a client already has it); what else an upstream said is cleaned here, so that
-        # a final commit is never refused for good.
         values = {
             "content": content,
             "status": status,
-            "stop_reason": _without_nul(stop_reason),
-            "error": _without_nul(error),
-            "usage": _without_nul_json(usage),
+            "stop_reason": stop_reason,
+            "error": error,
+            "usage": usage,
             "owner": None,
             "lease_expires_at": None,
         }
@@ -312,13 +287,8 @@ class Store:
         return conversation_record(row)
 
     async def _list_conversations(self, limit: int) -> list[Conversation]:
-        query = (
-            select(conversations)
-            .order_by(conversations.c.created_at.desc(), conversations.c.id.desc())
-            .limit(limit)
-        )
         async with self._engine.begin() as conn:
-            rows = (await conn.execute(query)).mappings().all()
+            rows = (await conn.execute(sql.newest_conversations(limit))).mappings().all()
         return [conversation_record(row) for row in rows]
 
     async def _get_conversation(self, cid: str) -> Conversation | None:
@@ -328,23 +298,19 @@ class Store:
 
     async def _delete_conversation(self, cid: str) -> bool:
         async with self._one_statement.begin() as conn:
-            result = await conn.execute(delete(conversations).where(conversations.c.id == cid))
+            result = await conn.execute(sql.delete_conversation(cid))
         return result.rowcount > 0
 
     async def _list_messages(self, cid: str) -> list[Message] | None:
         async with self._engine.begin() as conn:
             if await _select_conversation(conn, cid) is None:
                 return None
-            rows = await conn.execute(
-                select(messages)
-                .where(messages.c.conversation_id == cid)
-                .order_by(messages.c.created_at, messages.c.id)
-            )
+            rows = await conn.execute(sql.messages_of(cid))
             return [message_record(row) for row in rows.mappings()]
 
     async def _get_message(self, mid: str) -> Message | None:
         async with self._engine.begin() as conn:
-            row = (await conn.execute(select(messages).where(messages.c.id == mid))).first()
+            row = (await conn.execute(sql.message(mid))).first()
         return None if row is None else message_record(row._mapping)
 
     async def _begin_turn(self, turn: NewTurn) -> TurnStart | None:
@@ -371,7 +337,7 @@ class Store:
         on SQLite. Nothing is locked: a conversation deleted meanwhile fails the INSERT's
         foreign key check, which :meth:`_begin_turn` answers as not found."""
         cid = turn.cid
-        read = _conversation_and_history(cid)
+        read = sql.conversation_and_history(cid)
         # One statement on PostgreSQL; SQLite's two share a transaction.
         async with self._one_statement.begin() as conn:
             if self._postgresql:
@@ -379,20 +345,19 @@ class Store:
                 # when there is none; the read's snapshot does not see the new rows. (So a turn
                 # started concurrently in the same conversation may be stored before this one
                 # and still be missing from its prompt.)
-                user, assistant = _turn_messages(turn)
-                insert_turn = _insert_messages_of(cid, [user, assistant], turn)
+                user, assistant = sql.turn_messages(turn, CLOCK.now(), CLOCK.now())
+                insert_turn = sql.insert_messages_of(cid, [user, assistant], turn)
                 rows = (await conn.execute(read.add_cte(insert_turn.cte("turn")))).all()
             else:
                 rows = (await conn.execute(read)).all()
                 # Stamped under the write lock, after the read: stored order is prompt order.
-                user, assistant = _turn_messages(turn)
+                user, assistant = sql.turn_messages(turn, CLOCK.now(), CLOCK.now())
             if not rows:
                 return None
             (_, conversation_model, system_prompt), *earlier = rows
-            assistant["model"] = _reply_model(turn, conversation_model)
+            assistant["model"] = sql.reply_model(turn, conversation_model)
             if not self._postgresql:
-                # One INSERT with two rows (an executemany would be one statement per row).
-                await conn.execute(insert(messages).values([user, assistant]))
+                await conn.execute(sql.insert_messages([user, assistant]))
         # Typed as nullable by the conversation's columns; a message's role and content never are.
         history = [{"role": str(role), "content": str(content)} for _, role, content in earlier]
         if system_prompt:
@@ -405,22 +370,10 @@ class Store:
             conv = await _select_conversation(conn, cid)
             if conv is None:
                 return None
-            assistant = (
-                await conn.execute(
-                    select(messages).where(
-                        messages.c.conversation_id == cid,
-                        messages.c.idempotency_key == key,
-                        messages.c.created_at >= CLOCK.now() - IDEMPOTENCY_WINDOW,
-                    )
-                )
-            ).first()
+            assistant = (await conn.execute(sql.keyed_reply(cid, key, CLOCK.now()))).first()
             if assistant is None:
                 return None
-            user = (
-                await conn.execute(
-                    select(messages).where(messages.c.id == assistant._mapping["parent_id"])
-                )
-            ).first()
+            user = (await conn.execute(sql.message(assistant._mapping["parent_id"]))).first()
         if user is None:  # the schema cannot say so, but nothing deletes one message alone
             raise StoreError(f"the user message of turn {assistant._mapping['id']} is missing")
         return TurnStart(
@@ -431,18 +384,7 @@ class Store:
         )
 
     async def _checkpoint(self, mid: str, content: str, owner: str, lease_s: float) -> bool:
-        now = CLOCK.now()
-        statement = (
-            update(messages)
-            .where(messages.c.id == mid, _still_ours(owner))
-            .values(
-                content=content,
-                status="streaming",
-                stop_reason=None,
-                updated_at=now,
-                lease_expires_at=now + timedelta(seconds=lease_s),
-            )
-        )
+        statement = sql.checkpoint(mid, content, owner, lease_s, CLOCK.now())
         async with self._one_statement.begin() as conn:
             result = await conn.execute(statement)
         return result.rowcount > 0
@@ -452,57 +394,22 @@ class Store:
         renewed = 0
         async with self._writer.begin() as conn:
             for start in range(0, len(ids), _LEASE_BATCH):
-                statement = (
-                    update(messages)
-                    .where(messages.c.id.in_(ids[start : start + _LEASE_BATCH]), _still_ours(owner))
-                    .values(status="streaming", stop_reason=None, lease_expires_at=expires)
-                )
-                renewed += (await conn.execute(statement)).rowcount
+                batch = ids[start : start + _LEASE_BATCH]
+                renewed += (await conn.execute(sql.renew_leases(owner, batch, expires))).rowcount
         return renewed
 
     async def _sweep(self, sweeper: str) -> int:
-        now = CLOCK.now()
-        crashed = (
-            update(messages)
-            .where(
-                messages.c.status == "streaming",
-                messages.c.lease_expires_at < now,
-                # Never our own rows: this process is alive, whatever its leases say.
-                messages.c.owner != sweeper,
-            )
-            # The owner stays: should it be alive after all (stalled past its lease, cut off
-            # from the database), its next checkpoint or renewal takes the row back.
-            .values(
-                status="interrupted",
-                stop_reason="server_crash",
-                lease_expires_at=None,
-                updated_at=now,
-            )
-        )
         async with self._one_statement.begin() as conn:
-            swept = (await conn.execute(crashed)).rowcount
+            swept = (await conn.execute(sql.sweep(sweeper, CLOCK.now()))).rowcount
         return swept
 
     async def _forget_keys(self) -> None:
-        forgotten = (
-            update(messages)
-            .where(
-                messages.c.idempotency_key.is_not(None),
-                messages.c.created_at < CLOCK.now() - IDEMPOTENCY_WINDOW,
-            )
-            .values(idempotency_key=None)
-        )
         async with self._one_statement.begin() as conn:
-            await conn.execute(forgotten)
+            await conn.execute(sql.forget_keys(CLOCK.now()))
 
     async def _finish_reply(self, mid: str, values: dict[str, Any]) -> bool:
-        statement = (
-            update(messages)
-            .where(messages.c.id == mid, messages.c.role == "assistant")
-            .values(**values, updated_at=CLOCK.now())
-        )
         async with self._one_statement.begin() as conn:
-            result = await conn.execute(statement)
+            result = await conn.execute(sql.finish_reply(mid, values, CLOCK.now()))
         return result.rowcount > 0
 
 
@@ -512,98 +419,5 @@ def _has_tables(conn: Connection) -> bool:
 
 
 async def _select_conversation(conn: AsyncConnection, cid: str) -> Row[Any] | None:
-    return (await conn.execute(select(conversations).where(conversations.c.id == cid))).first()
-
-
-def _conversation_and_history(cid: str) -> Select[int, str | None, str | None]:
-    """The conversation's model and system prompt, then its messages that have content, in
-    order: one statement (a join would repeat the system prompt on every row). The
-    conversation's row comes first, with its model and system prompt in the role and content
-    columns; no row at all means no conversation."""
-    head = select(
-        literal(0).label("part"),
-        conversations.c.model.label("role"),
-        conversations.c.system_prompt.label("content"),
-        conversations.c.created_at,
-        conversations.c.id,
-    ).where(conversations.c.id == cid)
-    history = select(
-        literal(1), messages.c.role, messages.c.content, messages.c.created_at, messages.c.id
-    ).where(messages.c.conversation_id == cid, messages.c.content != "")
-    ordered = union_all(head, history).subquery()
-    return select(ordered.c.part, ordered.c.role, ordered.c.content).order_by(
-        ordered.c.part, ordered.c.created_at, ordered.c.id
-    )
-
-
-def _turn_messages(turn: NewTurn) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A turn's user message and its assistant message, streaming, leased, its model unset."""
-    user_at, assistant_at = CLOCK.now(), CLOCK.now()
-    user = new_message(turn.cid, "user", turn.content, "complete", None, user_at)
-    assistant = new_message(turn.cid, "assistant", "", "streaming", None, assistant_at)
-    assistant.update(
-        parent_id=user["id"],
-        idempotency_key=turn.idempotency_key,
-        owner=turn.owner,
-        lease_expires_at=assistant_at + timedelta(seconds=turn.lease_s),
-    )
-    return user, assistant
-
-
-def _reply_model(turn: NewTurn, conversation_model: str | None) -> str:
-    """The request's model, else the conversation's, else the default (as _model_column)."""
-    return turn.model or conversation_model or turn.default_model
-
-
-def _model_column(turn: NewTurn) -> ColumnElement[str]:
-    """_reply_model in SQL, from the conversation's row."""
-    return func.coalesce(
-        literal(turn.model or None, Text),
-        func.nullif(conversations.c.model, ""),
-        literal(turn.default_model, Text),
-    )
-
-
-def _insert_messages_of(cid: str, rows: list[dict[str, Any]], turn: NewTurn) -> Insert:
-    """INSERT ``rows`` if the conversation exists, one SELECT of its row each; the assistant's
-    model (its ``None``) is resolved from the conversation's row."""
-    columns = list(rows[0])
-
-    def from_conversation(row: dict[str, Any]) -> Select[Any]:
-        values = [
-            _model_column(turn).label(name)
-            if name == "model" and row["role"] == "assistant"
-            else literal(row[name], messages.c[name].type).label(name)
-            for name in columns
-        ]
-        return select(*values).where(conversations.c.id == cid)
-
-    return insert(messages).from_select(
-        columns, union_all(*(from_conversation(row) for row in rows))
-    )
-
-
-def _still_ours(owner: str) -> ColumnElement[bool]:
-    """A reply ``owner`` is streaming: its row is 'streaming', or was swept while ``owner`` was
-    cut off from the database (then the owner's next write takes it back)."""
-    return and_(
-        messages.c.owner == owner,
-        or_(
-            messages.c.status == "streaming",
-            and_(messages.c.status == "interrupted", messages.c.stop_reason == "server_crash"),
-        ),
-    )
-
-
-def _without_nul(text: str | None) -> str | None:
-    return text.replace("\x00", "\ufffd") if text and "\x00" in text else text
-
-
-def _without_nul_json(value: dict[str, Any] | None) -> dict[str, Any] | None:
-    if value is None:
-        return None
-    encoded = orjson.dumps(value)
-    if b"\\u0000" not in encoded:
-        return value
-    cleaned: dict[str, Any] = orjson.loads(encoded.replace(b"\\u0000", b"\\ufffd"))
-    return cleaned
+    row: Row[Any] | None = (await conn.execute(sql.conversation(cid))).first()
+    return row

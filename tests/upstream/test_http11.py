@@ -33,7 +33,8 @@ import trio
 import trio.testing
 import trustme
 
-from chatsrv._http11 import Http11Transport, _Chunked
+from chatsrv.upstream._framing import Chunked
+from chatsrv.upstream._http11 import Http11Transport
 from tests.fake_upstream import DEFAULT_TOKENS, FakeUpstream
 
 TIME_LIMIT_S = 10
@@ -245,7 +246,7 @@ def test_chunked_decoder_split_anywhere(seed: int) -> None:
     wire = b"".join(chunk(p, rng.choice(extensions)) for p in payloads)
     wire += b"0\r\n" + rng.choice([b"", b"T: 1\r\n", b"A: 1\r\nB: 2\r\n"]) + b"\r\n"
     cuts = sorted(rng.sample(range(1, len(wire)), k=min(len(wire) - 1, rng.randint(1, 30))))
-    decoder = _Chunked()
+    decoder = Chunked()
     out = []
     for start, end in zip([0, *cuts], [*cuts, len(wire)], strict=True):
         assert not decoder.done
@@ -258,7 +259,7 @@ def test_chunked_decoder_split_anywhere(seed: int) -> None:
 
 
 def test_chunked_decoder_notices_bytes_past_the_end() -> None:
-    decoder = _Chunked()
+    decoder = Chunked()
     assert decoder.feed(chunk(b"abc") + LAST_CHUNK + b"HTTP/1.1") == b"abc"
     assert decoder.done
     assert decoder.overrun
@@ -281,7 +282,7 @@ def test_chunked_decoder_notices_bytes_past_the_end() -> None:
 )
 def test_chunked_decoder_refuses_malformed_framing(wire: bytes) -> None:
     with pytest.raises(httpx2.RemoteProtocolError):
-        _Chunked().feed(wire)
+        Chunked().feed(wire)
 
 
 # --- failures, compared with httpx2's default transport -----------------------------------------

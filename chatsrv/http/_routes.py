@@ -6,17 +6,19 @@ A request that fails validation is answered before anything is written.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import orjson
 import trio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from quart import Blueprint, Response, current_app, request
 
-from ._engine import TurnRequest
-from ._errors import ExistingTurn, InvalidRequest, NotFound, StoreError
+from chatsrv._errors import ExistingTurn, InvalidRequest, NotFound, StoreError
+from chatsrv._settings import Settings
+from chatsrv.engine import Journal, TurnEngine, TurnRequest
+from chatsrv.store import Store
+
 from ._relay import relay, replayed
-from ._service import Service
 
 api = Blueprint("api", __name__)
 
@@ -89,8 +91,25 @@ def _describe(exc: ValidationError) -> str:
     return "; ".join(problems)
 
 
-def _service() -> Service:
-    service: Service = current_app.extensions["chatsrv"]
+class Backend(Protocol):
+    """What the routes use of the running service (``chatsrv._service.Service`` is one), found
+    in ``current_app.extensions["chatsrv"]``."""
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def store(self) -> Store: ...
+
+    @property
+    def journal(self) -> Journal: ...
+
+    @property
+    def engine(self) -> TurnEngine: ...
+
+
+def _service() -> Backend:
+    service: Backend = current_app.extensions["chatsrv"]
     return service
 
 

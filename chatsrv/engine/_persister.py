@@ -28,10 +28,11 @@ import logging
 import tenacity
 import trio
 
-from ._errors import StoreError, StoreUnavailable
+from chatsrv._errors import StoreError, StoreUnavailable
+from chatsrv._settings import Settings
+from chatsrv.store import Store
+
 from ._journal import FinalRecord, Journal
-from ._settings import Settings
-from ._store import Store
 from ._turn import Outcome, Status, StopReason, Turn
 
 log = logging.getLogger("chatsrv.persister")

@@ -25,11 +25,11 @@ import pytest
 import trio
 from sqlalchemy import event, exc
 
-from chatsrv._aio import AsyncioThread, BridgeClosed, open_asyncio_thread
-from chatsrv._database import map_error
 from chatsrv._errors import StoreError, StoreUnavailable
-from chatsrv._store import Store
-from chatsrv._tables import schema_statements
+from chatsrv.store import Store
+from chatsrv.store._aio import AsyncioThread, BridgeClosed, open_asyncio_thread
+from chatsrv.store._database import map_error
+from chatsrv.store._tables import schema_statements
 from tests.db import plain_url, terminate_backend
 
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}\+00:00$")

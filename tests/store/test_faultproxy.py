@@ -19,11 +19,11 @@ import trio
 import trio.testing
 from sqlalchemy.engine import make_url
 
-import chatsrv._database
-from chatsrv._aio import open_asyncio_thread
-from chatsrv._database import map_error
+import chatsrv.store._database
 from chatsrv._errors import StoreUnavailable
-from chatsrv._store import Store
+from chatsrv.store import Store
+from chatsrv.store._aio import open_asyncio_thread
+from chatsrv.store._database import map_error
 from tests.db import plain_url
 from tests.faultproxy import FaultProxy, ProxiedDatabase
 
@@ -177,7 +177,7 @@ async def test_pg_proxy_points_the_url_at_the_proxy(
 def ping_at_every_checkout(monkeypatch: pytest.MonkeyPatch) -> None:
     """Stores opened in this test ping every pooled connection at checkout, however short its
     idle time (the default spares connections in steady use)."""
-    monkeypatch.setattr(chatsrv._database, "PING_AFTER_IDLE_S", 0.0)
+    monkeypatch.setattr(chatsrv.store._database, "PING_AFTER_IDLE_S", 0.0)
 
 
 @pytest.mark.usefixtures("ping_at_every_checkout")
@@ -199,7 +199,9 @@ async def test_cut_connection_in_steady_use_fails_once(
 ) -> None:
     """A connection back in use within PING_AFTER_IDLE_S is not pinged: its loss fails one call,
     transiently, and the pool is discarded so that the next call connects afresh."""
-    monkeypatch.setattr(chatsrv._database, "PING_AFTER_IDLE_S", 3600.0)  # however slow the test
+    monkeypatch.setattr(
+        chatsrv.store._database, "PING_AFTER_IDLE_S", 3600.0
+    )  # however slow the test
     proxy = pg_proxy.proxy
     with trio.fail_after(TIME_LIMIT_S):
         async with Store.open(pg_proxy.url, init_schema=False) as store:

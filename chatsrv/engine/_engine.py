@@ -58,11 +58,18 @@ from dataclasses import dataclass
 
 import trio
 
-from ._errors import ExistingTurn, NotFound, ServiceUnavailable, StoreUnavailable, UpstreamError
+from chatsrv._errors import (
+    ExistingTurn,
+    NotFound,
+    ServiceUnavailable,
+    StoreUnavailable,
+    UpstreamError,
+)
+from chatsrv._settings import Settings
+from chatsrv.store import Store
+from chatsrv.upstream import Prompt, Provider
+
 from ._persister import Persister
-from ._provider import Prompt, Provider
-from ._settings import Settings
-from ._store import Store
 from ._turn import Outcome, Status, StopReason, Turn
 
 log = logging.getLogger("chatsrv.engine")

@@ -20,10 +20,10 @@ import pytest
 import trio
 
 from chatsrv._errors import UpstreamError
-from chatsrv._http11 import Http11Transport
-from chatsrv._openai import _http_client
-from chatsrv._provider import Completion, Prompt, Provider, open_provider
 from chatsrv._settings import Settings
+from chatsrv.upstream import Completion, Prompt, Provider, open_provider
+from chatsrv.upstream._http11 import Http11Transport
+from chatsrv.upstream._openai import _http_client
 from tests.fake_upstream import DEFAULT_TOKENS, DEFAULT_USAGE, FakeUpstream, Script
 
 TOKENS = [f" tok{i}" for i in range(20)]

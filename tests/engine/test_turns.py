@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import trio
 
-from chatsrv import _recovery as recovery
+from chatsrv.engine import _recovery as recovery
 from tests.db import terminate_backend
 from tests.server import Chatsrv, StartChatsrv
 

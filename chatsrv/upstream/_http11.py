@@ -39,7 +39,6 @@ completion is not idempotent, so sending it twice is for the SDK's retries to de
 from __future__ import annotations
 
 import math
-import re
 import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -49,15 +48,13 @@ import h11
 import httpx2
 import trio
 
+from ._framing import Chunked, Counted, UntilClose
+
 READ_SIZE: Final = 65536
 MAX_HEAD_BYTES: Final = 100 * 1024  # as httpcore2
-MAX_LINE_BYTES: Final = 4096  # a chunk-size line with its extensions, or a trailer line
-MAX_TRAILER_BYTES: Final = 64 * 1024
 
 _Origin = tuple[str, str, int]  # scheme, host, port
 _Receive = Callable[[int], Awaitable[bytes | bytearray]]
-# RFC 9112 7.1: chunk-size [ BWS ";" chunk-ext ]; h11 takes up to 20 hex digits, 16 fit 64 bits.
-_CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?")
 
 
 class Http11Transport(httpx2.AsyncBaseTransport):
@@ -182,15 +179,15 @@ class Http11Transport(httpx2.AsyncBaseTransport):
                 keep_alive = False
         if _says_close(request.headers.get("connection", "").encode()):
             keep_alive = False
-        decoder: _UntilClose
+        decoder: UntilClose
         if request.method == "HEAD" or head.status_code in (204, 304):
-            decoder = _Counted(0)
+            decoder = Counted(0)
         elif chunked:
-            decoder = _Chunked()
+            decoder = Chunked()
         elif length is not None:
-            decoder = _Counted(length)
+            decoder = Counted(length)
         else:
-            decoder, keep_alive = _UntilClose(), False
+            decoder, keep_alive = UntilClose(), False
         leftover = h11_conn.trailing_data[0]  # what h11 read past the head: the body's start
         pool = self if keep_alive else None
         return httpx2.Response(
@@ -234,7 +231,7 @@ class _ResponseBody(httpx2.AsyncByteStream):
     def __init__(
         self,
         conn: _Connection,
-        decoder: _UntilClose,
+        decoder: UntilClose,
         leftover: bytes,
         read_s: float,
         pool: Http11Transport | None,
@@ -278,109 +275,6 @@ class _ResponseBody(httpx2.AsyncByteStream):
             self._pool._checkin(conn)
         else:
             conn.close()
-
-
-# --- body decoders: ``feed`` returns the payload in the bytes given, ``end`` is the peer's EOF --
-
-
-class _UntilClose:
-    """A body that the end of the connection ends; the base of the other framings."""
-
-    done = False
-    overrun = False  # bytes came past the body's end: the connection cannot be reused
-
-    def feed(self, data: bytes) -> bytes:
-        return data
-
-    def end(self) -> None:
-        self.done = True
-
-
-class _Counted(_UntilClose):
-    """A body of ``Content-Length`` bytes."""
-
-    def __init__(self, length: int) -> None:
-        self._length = self._remaining = length
-        self.done = not length
-
-    def feed(self, data: bytes) -> bytes:
-        if len(data) < self._remaining:
-            self._remaining -= len(data)
-            return data
-        self.overrun = len(data) > self._remaining
-        data, self._remaining, self.done = data[: self._remaining], 0, True
-        return data
-
-    def end(self) -> None:
-        raise httpx2.RemoteProtocolError(
-            "peer closed connection without sending complete message body "
-            f"(received {self._length - self._remaining} bytes, expected {self._length})"
-        )
-
-
-_SIZE, _DATA, _DATA_END, _TRAILER = range(4)
-
-
-class _Chunked(_UntilClose):
-    """``Transfer-Encoding: chunked``, over reads split anywhere. Chunk extensions are checked
-    for shape, trailers only for size; both are dropped."""
-
-    def __init__(self) -> None:
-        self._state = _SIZE
-        self._remaining = 0  # bytes of the current chunk's data still to come
-        self._pending = b""  # an incomplete line, or the "\r" of a data CRLF
-        self._trailer_bytes = 0
-
-    def feed(self, data: bytes) -> bytes:
-        if self._pending:
-            data, self._pending = self._pending + data, b""
-        out: list[bytes] = []
-        pos, end = 0, len(data)
-        while pos < end:
-            state = self._state
-            if state == _DATA:
-                take = min(self._remaining, end - pos)
-                out.append(data[pos : pos + take])
-                pos += take
-                self._remaining -= take
-                if not self._remaining:
-                    self._state = _DATA_END
-            elif state == _DATA_END:
-                crlf = data[pos : pos + 2]
-                if crlf == b"\r":  # the "\n" is in the next read
-                    self._pending = crlf
-                    break
-                if crlf != b"\r\n":
-                    raise httpx2.RemoteProtocolError(f"malformed chunk footer: {crlf!r}")
-                pos += 2
-                self._state = _SIZE
-            else:  # a line: a chunk's size, or a trailer
-                eol = data.find(b"\r\n", pos)
-                if eol < 0:
-                    self._pending = data[pos:]
-                    if len(self._pending) > MAX_LINE_BYTES:
-                        raise httpx2.RemoteProtocolError("chunk header or trailer too long")
-                    break
-                line, pos = data[pos:eol], eol + 2
-                if state == _SIZE:
-                    match = _CHUNK_SIZE_LINE.fullmatch(line)
-                    if match is None:
-                        raise httpx2.RemoteProtocolError(f"illegal chunk header: {line[:40]!r}")
-                    self._remaining = int(match[1], 16)
-                    self._state = _DATA if self._remaining else _TRAILER
-                elif line:
-                    self._trailer_bytes += len(line) + 2
-                    if self._trailer_bytes > MAX_TRAILER_BYTES:
-                        raise httpx2.RemoteProtocolError("trailers too long")
-                else:  # the empty line that ends the body
-                    self.done, self.overrun = True, pos < end
-                    break
-        return out[0] if len(out) == 1 else b"".join(out)
-
-    def end(self) -> None:
-        raise httpx2.RemoteProtocolError(
-            "peer closed connection without sending complete message body (incomplete chunked read)"
-        )
 
 
 # --- socket operations, each under a deadline of its own, mapped to httpx2's errors ------------

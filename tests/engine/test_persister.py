@@ -11,12 +11,10 @@ from typing import Any, cast
 import trio
 import trio.testing
 
-from chatsrv._journal import Journal
-from chatsrv._persister import Persister
-from chatsrv._relay import keep_alive
 from chatsrv._settings import Settings
-from chatsrv._store import Store
-from chatsrv._turn import Outcome, Status, Turn
+from chatsrv.engine import Journal, Outcome, Persister, Status, Turn
+from chatsrv.http import keep_alive
+from chatsrv.store import Store
 
 
 class RecordingStore:

@@ -30,7 +30,7 @@ from typing import Any
 import orjson
 import trio
 
-from ._turn import Turn
+from chatsrv.engine import Turn
 
 PING = b": ping\n\n"
 

@@ -26,9 +26,10 @@ from collections.abc import Callable
 
 import trio
 
-from ._errors import StoreError, StoreUnavailable
+from chatsrv._errors import StoreError, StoreUnavailable
+from chatsrv.store import Store
+
 from ._journal import FinalRecord, Journal
-from ._store import Store
 
 log = logging.getLogger("chatsrv.recovery")
 

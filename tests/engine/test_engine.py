@@ -11,14 +11,11 @@ import pytest
 import trio
 import trio.testing
 
-from chatsrv._engine import TurnEngine, TurnRequest
-from chatsrv._journal import Journal
-from chatsrv._persister import Persister
-from chatsrv._provider import Completion, Prompt
-from chatsrv._relay import relay
 from chatsrv._settings import Settings
-from chatsrv._store import Store
-from chatsrv._turn import Turn
+from chatsrv.engine import Journal, Persister, Turn, TurnEngine, TurnRequest
+from chatsrv.http import relay
+from chatsrv.store import Store
+from chatsrv.upstream import Completion, Prompt
 
 
 class BurstProvider:

@@ -7,8 +7,8 @@ import functools
 import trio
 import trio.testing
 
-from chatsrv._relay import PING, keep_alive, relay
-from chatsrv._turn import Outcome, Status, Turn
+from chatsrv.engine import Outcome, Status, Turn
+from chatsrv.http import PING, keep_alive, relay
 
 
 def make_turn(orphaned: list[Turn] | None = None) -> Turn:

@@ -49,9 +49,10 @@ import orjson
 import trio
 
 from chatsrv._errors import UpstreamError
-from chatsrv._http11 import Http11Transport
-from chatsrv._provider import Completion, Prompt
 from chatsrv._settings import Settings
+
+from ._http11 import Http11Transport
+from ._provider import Completion, Prompt
 
 if TYPE_CHECKING:
     from openai.types.chat import ChatCompletionMessageParam

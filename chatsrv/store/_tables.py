@@ -70,12 +70,12 @@ TABLE_NAMES: Final = ("conversations", "messages")
 
 
 def schema_path() -> Path:
-    """Where ``schema.sql`` is: the repository root, else a copy shipped inside the package."""
-    package = Path(__file__).resolve().parent
-    root = package.parent / "schema.sql"
+    """Where ``schema.sql`` is: the repository root, else the copy shipped beside this module."""
+    here = Path(__file__).resolve().parent
+    root = here.parents[1] / "schema.sql"
     if root.is_file():
         return root
-    return package / "schema.sql"
+    return here / "schema.sql"
 
 
 def schema_statements(sql: str | None = None) -> list[str]:

@@ -17,8 +17,9 @@ from collections.abc import Callable
 
 import trio
 
-from chatsrv._provider import Completion, Prompt
 from chatsrv._settings import Settings
+
+from ._provider import Completion, Prompt
 
 _OPENERS = (
     "Good question about {topic}.",

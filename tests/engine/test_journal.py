@@ -12,7 +12,7 @@ import trio
 import trio.testing
 
 from chatsrv._errors import StoreUnavailable
-from chatsrv._journal import FinalRecord, Journal
+from chatsrv.engine import FinalRecord, Journal
 
 
 class Applied(list[str]):

@@ -1,0 +1,15 @@
+"""The store: conversations and messages in PostgreSQL or SQLite, behind a Trio-facing API.
+
+It owns the database completely: the schema (``schema.sql``, described to the query builder by
+``_tables.py``), the SQL (``_statements.py``), the SQLAlchemy async engine and its drivers
+(``_database.py``), the asyncio loop thread they run on (``_aio.py``), the records it returns
+(``_records.py``), and the error boundary: every driver exception leaves as ``StoreError``.
+Nothing outside this package imports SQLAlchemy, asyncpg or aiosqlite.
+
+May import: ``chatsrv._settings``, ``chatsrv._errors``. Nothing else of chatsrv.
+"""
+
+from ._records import Conversation, Message, TurnStart
+from ._store import Store
+
+__all__ = ["Conversation", "Message", "Store", "TurnStart"]

@@ -1,0 +1,252 @@
+"""The SQL the store runs, built with SQLAlchemy Core: functions of plain values that return a
+statement (or the rows to insert). Nothing here does I/O or reads the clock; ``_store.py`` runs
+these on its asyncio loop, one short transaction each, and passes in the time.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any, Final
+
+import orjson
+from sqlalchemy import (
+    ColumnElement,
+    Delete,
+    Insert,
+    Select,
+    Text,
+    Update,
+    and_,
+    delete,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    union_all,
+    update,
+)
+
+from ._records import NewTurn, new_message
+from ._tables import conversations, messages
+
+# How long an Idempotency-Key names its turn.
+IDEMPOTENCY_WINDOW: Final = timedelta(hours=24)
+
+
+# -- Conversations and messages ------------------------------------------------------------------
+
+
+def conversation(cid: str) -> Select[Any]:
+    return select(conversations).where(conversations.c.id == cid)
+
+
+def newest_conversations(limit: int) -> Select[Any]:
+    return (
+        select(conversations)
+        .order_by(conversations.c.created_at.desc(), conversations.c.id.desc())
+        .limit(limit)
+    )
+
+
+def delete_conversation(cid: str) -> Delete:
+    """Its messages go with it (ON DELETE CASCADE)."""
+    return delete(conversations).where(conversations.c.id == cid)
+
+
+def messages_of(cid: str) -> Select[Any]:
+    return (
+        select(messages)
+        .where(messages.c.conversation_id == cid)
+        .order_by(messages.c.created_at, messages.c.id)
+    )
+
+
+def message(mid: str) -> Select[Any]:
+    return select(messages).where(messages.c.id == mid)
+
+
+# -- A turn's start ------------------------------------------------------------------------------
+
+
+def conversation_and_history(cid: str) -> Select[int, str | None, str | None]:
+    """The conversation's model and system prompt, then its messages that have content, in
+    order: one statement (a join would repeat the system prompt on every row). The
+    conversation's row comes first, with its model and system prompt in the role and content
+    columns; no row at all means no conversation."""
+    head = select(
+        literal(0).label("part"),
+        conversations.c.model.label("role"),
+        conversations.c.system_prompt.label("content"),
+        conversations.c.created_at,
+        conversations.c.id,
+    ).where(conversations.c.id == cid)
+    history = select(
+        literal(1), messages.c.role, messages.c.content, messages.c.created_at, messages.c.id
+    ).where(messages.c.conversation_id == cid, messages.c.content != "")
+    ordered = union_all(head, history).subquery()
+    return select(ordered.c.part, ordered.c.role, ordered.c.content).order_by(
+        ordered.c.part, ordered.c.created_at, ordered.c.id
+    )
+
+
+def turn_messages(
+    turn: NewTurn, user_at: datetime, assistant_at: datetime
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A turn's user message and its assistant message, streaming, leased, its model unset."""
+    user = new_message(turn.cid, "user", turn.content, "complete", None, user_at)
+    assistant = new_message(turn.cid, "assistant", "", "streaming", None, assistant_at)
+    assistant.update(
+        parent_id=user["id"],
+        idempotency_key=turn.idempotency_key,
+        owner=turn.owner,
+        lease_expires_at=assistant_at + timedelta(seconds=turn.lease_s),
+    )
+    return user, assistant
+
+
+def reply_model(turn: NewTurn, conversation_model: str | None) -> str:
+    """The request's model, else the conversation's, else the default (as _model_column)."""
+    return turn.model or conversation_model or turn.default_model
+
+
+def _model_column(turn: NewTurn) -> ColumnElement[str]:
+    """reply_model in SQL, from the conversation's row."""
+    return func.coalesce(
+        literal(turn.model or None, Text),
+        func.nullif(conversations.c.model, ""),
+        literal(turn.default_model, Text),
+    )
+
+
+def insert_messages_of(cid: str, rows: list[dict[str, Any]], turn: NewTurn) -> Insert:
+    """INSERT ``rows`` if the conversation exists, one SELECT of its row each; the assistant's
+    model (its ``None``) is resolved from the conversation's row."""
+    columns = list(rows[0])
+
+    def from_conversation(row: dict[str, Any]) -> Select[Any]:
+        values = [
+            _model_column(turn).label(name)
+            if name == "model" and row["role"] == "assistant"
+            else literal(row[name], messages.c[name].type).label(name)
+            for name in columns
+        ]
+        return select(*values).where(conversations.c.id == cid)
+
+    return insert(messages).from_select(
+        columns, union_all(*(from_conversation(row) for row in rows))
+    )
+
+
+def insert_messages(rows: list[dict[str, Any]]) -> Insert:
+    """One INSERT with every row (an executemany would be one statement per row)."""
+    return insert(messages).values(rows)
+
+
+def keyed_reply(cid: str, key: str, now: datetime) -> Select[Any]:
+    """The assistant message that ``key`` names in the conversation, if the key is recent."""
+    return select(messages).where(
+        messages.c.conversation_id == cid,
+        messages.c.idempotency_key == key,
+        messages.c.created_at >= now - IDEMPOTENCY_WINDOW,
+    )
+
+
+# -- A reply while it streams, and its end ------------------------------------------------------
+
+
+def checkpoint(mid: str, content: str, owner: str, lease_s: float, now: datetime) -> Update:
+    return (
+        update(messages)
+        .where(messages.c.id == mid, _still_ours(owner))
+        .values(
+            content=content,
+            status="streaming",
+            stop_reason=None,
+            updated_at=now,
+            lease_expires_at=now + timedelta(seconds=lease_s),
+        )
+    )
+
+
+def renew_leases(owner: str, ids: list[str], expires: datetime) -> Update:
+    return (
+        update(messages)
+        .where(messages.c.id.in_(ids), _still_ours(owner))
+        .values(status="streaming", stop_reason=None, lease_expires_at=expires)
+    )
+
+
+def sweep(sweeper: str, now: datetime) -> Update:
+    return (
+        update(messages)
+        .where(
+            messages.c.status == "streaming",
+            messages.c.lease_expires_at < now,
+            # Never our own rows: this process is alive, whatever its leases say.
+            messages.c.owner != sweeper,
+        )
+        # The owner stays: should it be alive after all (stalled past its lease, cut off
+        # from the database), its next checkpoint or renewal takes the row back.
+        .values(
+            status="interrupted",
+            stop_reason="server_crash",
+            lease_expires_at=None,
+            updated_at=now,
+        )
+    )
+
+
+def forget_keys(now: datetime) -> Update:
+    return (
+        update(messages)
+        .where(
+            messages.c.idempotency_key.is_not(None),
+            messages.c.created_at < now - IDEMPOTENCY_WINDOW,
+        )
+        .values(idempotency_key=None)
+    )
+
+
+def finish_reply(mid: str, values: dict[str, Any], now: datetime) -> Update:
+    """Set an assistant message's final values (``values`` may hold NULs; they are replaced)."""
+    values = {
+        **values,
+        # PostgreSQL's text and JSONB cannot hold U+0000. The content is cleaned where it
+        # enters (a client already has it); what else an upstream said is cleaned here, so
+        # that a final commit is never refused for good.
+        "stop_reason": _without_nul(values["stop_reason"]),
+        "error": _without_nul(values["error"]),
+        "usage": _without_nul_json(values["usage"]),
+    }
+    return (
+        update(messages)
+        .where(messages.c.id == mid, messages.c.role == "assistant")
+        .values(**values, updated_at=now)
+    )
+
+
+def _still_ours(owner: str) -> ColumnElement[bool]:
+    """A reply ``owner`` is streaming: its row is 'streaming', or was swept while ``owner`` was
+    cut off from the database (then the owner's next write takes it back)."""
+    return and_(
+        messages.c.owner == owner,
+        or_(
+            messages.c.status == "streaming",
+            and_(messages.c.status == "interrupted", messages.c.stop_reason == "server_crash"),
+        ),
+    )
+
+
+def _without_nul(text: str | None) -> str | None:
+    return text.replace("\x00", "\ufffd") if text and "\x00" in text else text
+
+
+def _without_nul_json(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    encoded = orjson.dumps(value)
+    if b"\\u0000" not in encoded:
+        return value
+    cleaned: dict[str, Any] = orjson.loads(encoded.replace(b"\\u0000", b"\\ufffd"))
+    return cleaned
