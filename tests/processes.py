@@ -63,7 +63,7 @@ async def start_hypercorn(
     async def read_log() -> None:
         assert process.stderr is not None
         async for data in process.stderr:
-            server.log.append(data)
+            server.log.append(bytes(data))
             if not listening.is_set():
                 found = re.search(rb"Running on (http://\S+)", b"".join(server.log))
                 if found:

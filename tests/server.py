@@ -36,7 +36,8 @@ class Stream:
     @property
     def start(self) -> dict[str, Any]:
         assert self.events and self.events[0].event == "start", self.events[:1]
-        return orjson.loads(self.events[0].data)
+        start: dict[str, Any] = orjson.loads(self.events[0].data)
+        return start
 
     @property
     def message_id(self) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import signal
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -235,9 +236,7 @@ async def test_sigterm_with_the_database_unreachable_journals_then_replays_after
                             if received == 1:
                                 streaming.release()
 
-                        clients.start_soon(
-                            lambda c=cid, s=stream, f=seen: api.stream(c, on_delta=f, into=s)
-                        )
+                        clients.start_soon(partial(api.stream, cid, on_delta=seen, into=stream))
                     for _ in conversations:
                         await streaming.acquire()
                     pg_proxy.proxy.down()

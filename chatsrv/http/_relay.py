@@ -24,7 +24,7 @@ When the client goes away the generator is cancelled (or closed) wherever it is 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from typing import Any
 
 import orjson
@@ -103,7 +103,7 @@ def replayed(user_message: Mapping[str, Any], message: Mapping[str, Any]) -> byt
     )
 
 
-async def relay(turn: Turn) -> AsyncIterator[bytes]:
+async def relay(turn: Turn) -> AsyncGenerator[bytes, None]:
     """Stream ``turn`` to one client, from its first character to its ``done`` event."""
     turn.attach()
     try:

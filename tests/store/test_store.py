@@ -18,7 +18,7 @@ import sqlite3
 import threading
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import asyncpg
 import pytest
@@ -36,7 +36,13 @@ ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}\+00:00$")
 
 
 # The owner and lease every test turn is begun with.
-LEASE = {"owner": "test-owner", "lease_s": 30.0, "default_model": "default-model"}
+class Lease(TypedDict):
+    owner: str
+    lease_s: float
+    default_model: str
+
+
+LEASE: Lease = {"owner": "test-owner", "lease_s": 30.0, "default_model": "default-model"}
 
 
 async def execute(store: Store, *statements: str) -> list[Any]:

@@ -23,7 +23,7 @@ from chatsrv._errors import UpstreamError
 from chatsrv._settings import Settings
 from chatsrv.upstream import Completion, Prompt, Provider, open_provider
 from chatsrv.upstream._http11 import Http11Transport
-from chatsrv.upstream._openai import _http_client
+from chatsrv.upstream._openai import OpenAIProvider, _http_client
 from tests.fake_upstream import DEFAULT_TOKENS, DEFAULT_USAGE, FakeUpstream, Script
 
 TOKENS = [f" tok{i}" for i in range(20)]
@@ -418,6 +418,7 @@ def test_auto_transport_leaves_proxies_to_httpx(
 async def test_open_provider_closes_the_client(upstream: FakeUpstream) -> None:
     async with open_provider(openai_settings(upstream.base_url)) as opened:
         await generate(opened)
+        assert isinstance(opened, OpenAIProvider)
         client = opened._client
         assert not client.is_closed()
     assert client.is_closed()
