@@ -158,3 +158,11 @@ def test_the_app_with_the_demo_model_does_not_import_the_sdk() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_the_schema_shipped_in_the_package_is_the_repositorys() -> None:
+    # chatsrv/store/schema.sql is what an installed chatsrv applies; it links to the root's.
+    shipped = PACKAGE / "store" / "schema.sql"
+    assert shipped.read_text(encoding="utf-8") == (PACKAGE.parent / "schema.sql").read_text(
+        encoding="utf-8"
+    )
