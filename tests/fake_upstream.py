@@ -4,8 +4,12 @@
 first chunk with the role, one chunk per token, a chunk with the ``finish_reason``, a usage chunk
 when ``stream_options.include_usage`` is set, then ``data: [DONE]``. A test sets ``script``
 before its request to make the stream fail in one exact way, and asserts on what the fake saw
-(``requests``, ``tokens_sent``, ``disconnects``). Waiting is done on trio Events, never by
-sleeping, so every test stays deterministic.
+(``requests`` with their ``request_times`` and ``request_headers``, ``tokens_sent``,
+``disconnects``). Waiting is done on trio Events, never by sleeping, so every test stays
+deterministic.
+
+``refusing_port()`` is the upstream that is not there: a loopback port that refuses connections
+for as long as it is held.
 
 The app is raw ASGI (no framework) so that the fake costs little CPU when a benchmark reuses it:
 ``url = await nursery.start(fake.serve)``, then ``fake.shutdown()``. Only the ``upstream``
@@ -14,9 +18,11 @@ fixture, at the bottom, needs pytest.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-from collections.abc import AsyncIterator, Awaitable, Callable
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +48,9 @@ class Script:
     gated: bool = False
     # Answer this HTTP status with an OpenAI-style JSON error body, before any token.
     error_status: int | None = None
+    # With error_status: how long the client should wait before a retry (``retry-after-ms``,
+    # which the SDK honours instead of its own backoff).
+    retry_after_s: float | None = None
     # Break the connection: the client sees a body cut off mid-chunk-stream, not a clean end.
     fail_after: int | None = None
     # Send nothing more, and keep the connection open until the client goes away.
@@ -65,6 +74,8 @@ class FakeUpstream:
         self.base_url = ""
         self.script = Script()
         self.requests: list[dict[str, Any]] = []  # the JSON bodies received
+        self.request_times: list[float] = []  # trio.current_time() as each of them arrived
+        self.request_headers: list[dict[str, str]] = []  # and its headers, names lowercased
         self.tokens_sent = 0  # in the latest stream (reset when a stream starts)
         self.disconnects = 0  # streams the client left before their end
         self.clients: set[tuple[str, int]] = set()  # client addresses seen: one per connection
@@ -138,12 +149,19 @@ class FakeUpstream:
             return
         request = orjson.loads(body)
         self.requests.append(request)
+        self.request_times.append(trio.current_time())
+        self.request_headers.append(
+            {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        )
         self.clients.add(tuple(scope["client"]))
         self._notify()
         script = dataclasses.replace(self.script)  # later edits do not change a running stream
         if script.error_status is not None:
+            headers = []
+            if script.retry_after_s is not None:
+                headers.append((b"retry-after-ms", b"%d" % round(script.retry_after_s * 1000)))
             await _send_json(
-                send, script.error_status, _error_body("scripted failure", "server_error")
+                send, script.error_status, _error_body("scripted failure", "server_error"), headers
             )
             return
         if not request.get("stream"):
@@ -254,12 +272,14 @@ def _error_body(message: str, kind: str) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "param": None, "code": None}}
 
 
-async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
+async def _send_json(
+    send: Send, status: int, body: dict[str, Any], headers: Sequence[tuple[bytes, bytes]] = ()
+) -> None:
     await send(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-type", b"application/json")],
+            "headers": [(b"content-type", b"application/json"), *headers],
         }
     )
     await send({"type": "http.response.body", "body": orjson.dumps(body), "more_body": False})
@@ -285,6 +305,17 @@ async def _lifespan(receive: Receive, send: Send) -> None:
         elif message["type"] == "lifespan.shutdown":
             await send({"type": "lifespan.shutdown.complete"})
             return
+
+
+@contextlib.contextmanager
+def refusing_port() -> Iterator[int]:
+    """A loopback port that refuses every connection while the block runs: a socket bound to it
+    and never listening. Unlike a port bound and then closed, no other process can take it
+    meanwhile (the socket holds it, without SO_REUSEADDR), so the refusal is certain."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as bound:
+        bound.bind(("127.0.0.1", 0))
+        port: int = bound.getsockname()[1]
+        yield port
 
 
 # --- the pytest fixture ---------------------------------------------------------------------

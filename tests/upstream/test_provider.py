@@ -4,18 +4,23 @@ Rules: the fake upstream listens on 127.0.0.1 with port 0; every test that does 
 ``trio.fail_after``; exact failure points come from the fake's script (after token k) and its
 gate, never from sleeping. The demo's pacing is checked on the autojump clock; the openai tests
 run on the real clock (the SDK does some work in a thread, which autojump would skip past), so
-the read-timeout tests use a short timeout. A failure must reach the caller as ``UpstreamError``
-with the right ``code`` (or as ``trio.Cancelled``), nothing else. Every test runs twice: over
-chatsrv's lean HTTP transport and over httpx2's, the SDK's default (``CHATSRV_LLM_TRANSPORT``).
+the read-timeout tests use a short timeout, and only they do: every other test leaves the
+upstream 30 s to answer, so that a loaded machine does not turn a pause into a silence. A failure
+must reach the caller as ``UpstreamError`` with the right ``code`` and cause (or as
+``trio.Cancelled``), nothing else. Every test runs twice: over chatsrv's lean HTTP transport and
+over httpx2's, the SDK's default (``CHATSRV_LLM_TRANSPORT``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
+import httpx2
+import openai
+import orjson
 import pytest
 import trio
 
@@ -23,8 +28,8 @@ from chatsrv._errors import UpstreamError
 from chatsrv._settings import Settings
 from chatsrv.upstream import Completion, Prompt, Provider, open_provider
 from chatsrv.upstream._http11 import Http11Transport
-from chatsrv.upstream._openai import OpenAIProvider, _http_client
-from tests.fake_upstream import DEFAULT_TOKENS, DEFAULT_USAGE, FakeUpstream, Script
+from chatsrv.upstream._openai import KEYLESS_PLACEHOLDER, OpenAIProvider, _http_client
+from tests.fake_upstream import DEFAULT_TOKENS, DEFAULT_USAGE, FakeUpstream, Script, refusing_port
 
 TOKENS = [f" tok{i}" for i in range(20)]
 PROMPT = Prompt(
@@ -71,15 +76,6 @@ async def generate_failing(provider: Provider) -> tuple[list[str], UpstreamError
     with trio.fail_after(10), pytest.raises(UpstreamError) as caught:
         await provider.generate(PROMPT, deltas.append)
     return deltas, caught.value
-
-
-async def closed_port() -> int:
-    """A loopback port nothing listens on: bound, then closed."""
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    port: int = listeners[0].socket.getsockname()[1]
-    for listener in listeners:
-        await listener.aclose()
-    return port
 
 
 # --- openai: the happy path ---------------------------------------------------------------------
@@ -129,6 +125,8 @@ async def test_keyless_endpoint_gets_a_placeholder_key(
         assert opened.name == "openai"
         deltas, _ = await generate(opened)
     assert deltas == list(DEFAULT_TOKENS)
+    [headers] = upstream.request_headers
+    assert headers["authorization"] == f"Bearer {KEYLESS_PLACEHOLDER}"
 
 
 # --- openai: failures ---------------------------------------------------------------------------
@@ -183,10 +181,11 @@ async def test_malformed_stream(provider: Provider, upstream: FakeUpstream, scri
 
 
 async def test_unreachable_upstream() -> None:
-    settings = openai_settings(f"http://127.0.0.1:{await closed_port()}/v1")
-    async with open_provider(settings) as opened:
-        deltas, error = await generate_failing(opened)
+    with refusing_port() as port:
+        async with open_provider(openai_settings(f"http://127.0.0.1:{port}/v1")) as opened:
+            deltas, error = await generate_failing(opened)
     assert error.code == "upstream_connection"
+    assert "cannot reach the upstream" in error.message
     assert deltas == []
 
 
@@ -216,8 +215,12 @@ async def test_upstream_hanging_up_before_answering() -> None:
 
 
 # The timeout tests run on the real clock: the SDK does work in a thread (and sockets complete on
-# their own time), which the autojump clock would skip past.
-SILENCE_TIMEOUT_S = 0.5
+# their own time), which the autojump clock would skip past. 1 s: a machine busy with other work
+# may pause a process for a good part of a second, which must not look like a silence where the
+# upstream is talking; and it keeps each of these tests to a second or two.
+SILENCE_TIMEOUT_S = 1.0
+# The longest silence the watch allows: it strikes after between the timeout and 17/16 of it.
+LONGEST_SILENCE_S = SILENCE_TIMEOUT_S * 17 / 16
 
 
 async def test_silent_upstream_times_out(upstream: FakeUpstream) -> None:
@@ -228,7 +231,7 @@ async def test_silent_upstream_times_out(upstream: FakeUpstream) -> None:
         deltas, error = await generate_failing(opened)
         assert trio.current_time() - start >= SILENCE_TIMEOUT_S
     assert error.code == "upstream_connection"
-    assert "sent nothing for 0.5 s" in error.message
+    assert f"sent nothing for {SILENCE_TIMEOUT_S:g} s" in error.message
     assert deltas == TOKENS[:2]
     with trio.fail_after(10):
         await upstream.wait_disconnected()
@@ -236,8 +239,11 @@ async def test_silent_upstream_times_out(upstream: FakeUpstream) -> None:
 
 async def test_upstream_silent_before_answering_times_out() -> None:
     """Each attempt waits llm_timeout_s for a response head; then the SDK's error says so."""
+    connections = 0
 
     async def never_answer(stream: trio.SocketStream) -> None:
+        nonlocal connections
+        connections += 1
         await trio.sleep_forever()
 
     async with raw_upstream(never_answer) as base_url:
@@ -249,49 +255,89 @@ async def test_upstream_silent_before_answering_times_out() -> None:
     assert error.code == "upstream_connection"
     assert "did not answer in time" in error.message
     assert deltas == []
+    assert connections == 1  # max_retries=0: one attempt, which alone took the whole timeout
 
 
 async def test_a_stream_longer_than_the_timeout_is_not_cut(upstream: FakeUpstream) -> None:
-    """The silence watch moves with the lines: 0.95 s of tokens 50 ms apart, a 0.5 s timeout."""
-    upstream.script = Script(tokens=TOKENS, interval_s=0.05)
+    """The silence watch moves with the lines: 1.52 s of tokens 80 ms apart, a 1 s timeout."""
+    upstream.script = Script(tokens=TOKENS, interval_s=0.08)
     settings = openai_settings(upstream.base_url, llm_timeout_s=SILENCE_TIMEOUT_S)
     async with open_provider(settings) as opened:
         start = trio.current_time()
         deltas, completion = await generate(opened)
-        assert trio.current_time() - start > 1.5 * SILENCE_TIMEOUT_S
+        # Longer than a watch that never moved would have allowed.
+        assert trio.current_time() - start > LONGEST_SILENCE_S
     assert deltas == TOKENS
     assert completion.finish_reason == "stop"
 
 
 async def test_retries_of_a_refusal_do_not_count_as_silence(upstream: FakeUpstream) -> None:
-    """The SDK's wait before a retry (~0.4-0.5 s for a 429) outlasts the 0.2 s timeout: the error
-    is still the upstream's status, not a silence."""
-    upstream.script = Script(error_status=429)
-    settings = openai_settings(upstream.base_url, llm_timeout_s=0.2, llm_max_retries=1)
+    """The SDK's wait before its retry (the 429's retry-after, 1.5 s) outlasts the 1 s timeout:
+    the error is still the upstream's status, once the retry was refused too, not a silence."""
+    upstream.script = Script(error_status=429, retry_after_s=1.5)
+    settings = openai_settings(
+        upstream.base_url, llm_timeout_s=SILENCE_TIMEOUT_S, llm_max_retries=1
+    )
     async with open_provider(settings) as opened:
         deltas, error = await generate_failing(opened)
     assert (error.code, error.status_code) == ("upstream_status", 429)
     assert deltas == []
+    # max_retries=1: the request and the SDK's one retry of it, which came after a wait longer
+    # than any silence the watch allows.
+    assert [h["x-stainless-retry-count"] for h in upstream.request_headers] == ["0", "1"]
+    first, retry = upstream.request_times
+    assert retry - first > LONGEST_SILENCE_S
 
 
+Cause = type[Exception] | None
+
+# Each fault, the code it must end in, and the exception that UpstreamError must be raised from:
+# the SDK's for a refusal, httpx2's for a body cut off, orjson's for a line that is not JSON;
+# none where chatsrv itself finds the fault (an error object, a stream ended short, a silence).
+# Where the causes allowed differ between the transports, they are given for each.
 FAULTS = [
-    pytest.param(Script(error_status=500), "upstream_status", id="status-500"),
-    pytest.param(Script(error_status=429), "upstream_status", id="status-429"),
-    pytest.param(Script(fail_after=0), "upstream_protocol", id="broken-at-0"),
-    pytest.param(Script(fail_after=3), "upstream_protocol", id="broken-at-3"),
-    pytest.param(Script(error_after=0), "upstream_error", id="error-object"),
-    pytest.param(Script(truncate_after=3), "upstream_protocol", id="truncated"),
-    pytest.param(Script(garbage_after=0), "upstream_protocol", id="not-json"),
-    pytest.param(Script(stall_after=1), "upstream_connection", id="silent"),
+    pytest.param(
+        Script(error_status=500), "upstream_status", openai.InternalServerError, id="status-500"
+    ),
+    pytest.param(
+        Script(error_status=429), "upstream_status", openai.RateLimitError, id="status-429"
+    ),
+    pytest.param(
+        Script(fail_after=0), "upstream_protocol", httpx2.RemoteProtocolError, id="broken-at-0"
+    ),
+    pytest.param(
+        Script(fail_after=3), "upstream_protocol", httpx2.RemoteProtocolError, id="broken-at-3"
+    ),
+    pytest.param(Script(error_after=0), "upstream_error", None, id="error-object"),
+    pytest.param(Script(truncate_after=3), "upstream_protocol", None, id="truncated"),
+    pytest.param(
+        Script(garbage_after=0), "upstream_protocol", orjson.JSONDecodeError, id="not-json"
+    ),
+    # The lean transport leaves body reads untimed: only chatsrv's own watch can notice the
+    # silence. On httpx2's transport each read is also timed, by llm_timeout_s from its start,
+    # and which of the two strikes first depends on when the last line came within the watch's
+    # 1/16 step: usually httpx2's read timeout, but a pause in the client lets the watch win.
+    pytest.param(
+        Script(stall_after=1),
+        "upstream_connection",
+        {"lean": {None}, "httpx": {httpx2.ReadTimeout, None}},
+        id="silent",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("script", "code"), FAULTS)
+@pytest.mark.parametrize(("script", "code", "cause"), FAULTS)
 async def test_only_upstream_error_escapes(
-    upstream: FakeUpstream, script: Script, code: str
+    upstream: FakeUpstream,
+    transport: str,
+    script: Script,
+    code: str,
+    cause: Cause | Mapping[str, set[Cause]],
 ) -> None:
     upstream.script = script
-    settings = openai_settings(upstream.base_url, llm_timeout_s=SILENCE_TIMEOUT_S)
+    # Only the silence needs a short timeout; the others must not see one.
+    timeout_s = SILENCE_TIMEOUT_S if script.stall_after is not None else 30.0
+    settings = openai_settings(upstream.base_url, llm_timeout_s=timeout_s)
     async with open_provider(settings) as opened:
         with trio.fail_after(10):
             try:
@@ -303,11 +349,9 @@ async def test_only_upstream_error_escapes(
     # Not a subclass, not an openai or httpx2 type: exactly UpstreamError, with its cause kept.
     assert type(escaped) is UpstreamError, repr(escaped)
     assert escaped.code == code
-    # A silence is noticed by chatsrv itself: there is no cause to keep.
-    silent = script.stall_after is not None
-    assert (
-        escaped.__cause__ is not None or code in ("upstream_error", "upstream_protocol") or silent
-    )
+    allowed = cause[transport] if isinstance(cause, Mapping) else {cause}
+    kept = None if escaped.__cause__ is None else type(escaped.__cause__)
+    assert kept in allowed, repr(escaped.__cause__)
 
 
 async def test_emit_failure_propagates_and_drops_the_upstream(
@@ -472,7 +516,8 @@ async def test_demo_answers_the_last_user_message(autojump_clock: Any) -> None:
     async with open_provider(demo_settings()) as demo:
         deltas, _ = await generate(demo, Prompt(model="chatsrv-demo", messages=history))
         alone, _ = await generate(demo, prompt_saying("Second question about nurseries"))
-    assert deltas == alone
+        first, _ = await generate(demo, prompt_saying("First question about channels"))
+    assert deltas == alone != first
 
 
 async def test_demo_is_paced(autojump_clock: Any) -> None:
@@ -481,6 +526,7 @@ async def test_demo_is_paced(autojump_clock: Any) -> None:
         start = trio.current_time()
         with trio.fail_after(60):
             await demo.generate(prompt_saying("pace"), lambda _: times.append(trio.current_time()))
+    assert len(times) > 1  # (no emit at all would match the line below too)
     assert times == pytest.approx([start + 0.05 * (i + 1) for i in range(len(times))])
 
 
