@@ -1,17 +1,22 @@
 """A real chatsrv under test: the app from ``create_app`` served by hypercorn's trio worker on a
 loopback port chosen by the kernel, inside the test's own nursery, talking to the fake upstream
 through the real openai SDK, and a real HTTP client with an SSE parser on the other side.
+``Chatsrv.count_rows`` counts the rows in the server's database over a connection of the test's
+own, to check what a request wrote without asking the server.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import orjson
 import pytest
@@ -20,10 +25,15 @@ from httpx_sse import ServerSentEvent, aconnect_sse
 from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
 from sqlalchemy import event
+from sqlalchemy.engine import make_url
 
 from chatsrv._service import Service
 from chatsrv._settings import Settings
 from chatsrv.app import create_app
+from tests.db import plain_url
+
+# The tables a request can write to.
+TABLES = ("conversations", "messages")
 
 
 @dataclass
@@ -158,11 +168,45 @@ class Chatsrv(ApiClient):
         finally:
             event.remove(engine, "before_cursor_execute", hook)
 
+    @property
+    def database_url(self) -> str:
+        """The URL of this server's database, as the server uses it."""
+        return self.service.settings.database_url
+
+    async def count_rows(self) -> dict[str, int]:
+        """How many rows each table holds, counted in the database itself, over a connection of
+        the test's own (not through the server): to prove that a request wrote nothing."""
+        return await trio.to_thread.run_sync(count_rows, self.database_url)
+
     async def wait_finished(self, message_id: str) -> None:
         """Wait until the turn writing ``message_id`` has made its final commit."""
         turn = self.service.engine.turn(message_id)
         if turn is not None:
             await turn.finished.wait()
+
+
+def rows(conversations: int, messages: int) -> dict[str, int]:
+    """What ``Chatsrv.count_rows`` returns for a database holding these rows."""
+    return {"conversations": conversations, "messages": messages}
+
+
+def count_rows(database_url: str) -> dict[str, int]:
+    """Rows per table in the database at ``database_url``, from synchronous code (blocking: call
+    it in a worker thread): sqlite3 on SQLite, a new asyncpg connection on PostgreSQL."""
+    url = make_url(database_url)
+    if url.get_backend_name() == "sqlite":
+        assert url.database, database_url
+        with contextlib.closing(sqlite3.connect(url.database)) as conn:
+            return {t: int(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]) for t in TABLES}
+
+    async def count() -> dict[str, int]:
+        conn = await asyncpg.connect(plain_url(database_url), timeout=10)
+        try:
+            return {t: int(await conn.fetchval(f"SELECT count(*) FROM {t}")) for t in TABLES}
+        finally:
+            await conn.close()
+
+    return asyncio.run(count())
 
 
 def chatsrv_settings(database_url: str, upstream_url: str, **overrides: Any) -> Settings:

@@ -1,5 +1,6 @@
 """Durability inside one running server: checkpoints while a reply streams, idempotent sends,
-readiness, and two servers sharing a database without taking each other's rows."""
+readiness, and two servers sharing a database without taking each other's rows. What a request
+wrote, or did not, is counted in the database itself (``Chatsrv.count_rows``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import orjson
 import pytest
 import trio
 
-from tests.server import Chatsrv, StartChatsrv
+from tests.server import Chatsrv, StartChatsrv, rows
 
 TOKENS = [f"t{i} " for i in range(40)]
 
@@ -83,7 +84,7 @@ async def test_the_same_idempotency_key_sent_again_replays_the_reply(
     assert orjson.loads(original[-1][1]) == orjson.loads(replayed[-1][1])
     assert replayed[1] == ("delta", '{"content":"Hello"}')
     assert len(upstream.requests) == 1
-    assert len(await chatsrv.messages(conversation_id)) == 2
+    assert await chatsrv.count_rows() == rows(1, 2)
 
 
 async def test_the_same_idempotency_key_sent_concurrently_generates_once(
@@ -115,7 +116,7 @@ async def test_the_same_idempotency_key_sent_concurrently_generates_once(
     winner = next(r for r in responses if r.status_code == 200)
     assert conflict["message_id"] in winner.text
     assert len(upstream.requests) == 1
-    assert len(await chatsrv.messages(conversation_id)) == 2
+    assert await chatsrv.count_rows() == rows(1, 2)
 
 
 async def test_an_idempotency_key_reused_for_another_message_is_refused(
@@ -123,10 +124,12 @@ async def test_an_idempotency_key_reused_for_another_message_is_refused(
 ) -> None:
     conversation_id = await chatsrv.new_conversation()
     assert (await post(chatsrv, conversation_id, "hi", "key-3")).status_code == 200
+    assert await chatsrv.count_rows() == rows(1, 2)
     response = await post(chatsrv, conversation_id, "something else", "key-3")
     assert response.status_code == 422
     assert response.json()["error"]["code"] == "idempotency_key_reused"
-    assert len(await chatsrv.messages(conversation_id)) == 2
+    assert await chatsrv.count_rows() == rows(1, 2)
+    assert len(upstream.requests) == 1
 
 
 @pytest.mark.parametrize("key", ["", "x" * 256, "bad\x01key"])
@@ -134,6 +137,7 @@ async def test_a_malformed_idempotency_key_is_refused(
     chatsrv: Chatsrv, upstream: Any, key: str
 ) -> None:
     conversation_id = await chatsrv.new_conversation()
+    assert await chatsrv.count_rows() == rows(1, 0)
     response = await chatsrv.client.post(
         f"/v1/conversations/{conversation_id}/messages",
         json={"content": "hi"},
@@ -141,7 +145,7 @@ async def test_a_malformed_idempotency_key_is_refused(
     )
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "invalid_header"
-    assert await chatsrv.messages(conversation_id) == []
+    assert await chatsrv.count_rows() == rows(1, 0)
     assert upstream.requests == []
 
 
@@ -155,25 +159,92 @@ async def test_readiness(chatsrv: Chatsrv) -> None:
     assert "draining" in response.json()["error"]["message"]
 
 
+# The sweeper test's lease: renewed every third of it, so a live server loses its row only if its
+# renewal runs two thirds of a lease (1 s) late. Both servers share this process's one Trio
+# thread, so a stall of the whole process on a loaded 2-core machine counts against that margin;
+# 1 s keeps it while the test stays short (about three leases).
+LEASE_S = 1.5
+SWEEP_INTERVAL_S = 0.1
+
+
+class SweepCounter:
+    """A ``before_each_statement`` hook counting a server's sweeps, for Trio code to wait on.
+
+    The hook runs on the store's asyncio thread; the count is kept on the Trio side."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._token = trio.lowlevel.current_trio_token()
+        self._changed = trio.Event()
+
+    def __call__(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "lease_expires_at <" in statement:  # only the sweep's UPDATE compares leases
+            self._token.run_sync_soon(self._tick)
+
+    def _tick(self) -> None:
+        self.count += 1
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_for(self, count: int) -> None:
+        while self.count < count:
+            await self._changed.wait()
+
+
+async def wait_until_swept(chatsrv: Chatsrv, message_id: str) -> dict[str, Any]:
+    """Poll the row until it is no longer streaming (bounded by the caller); return it."""
+    while True:
+        message: dict[str, Any] = (await chatsrv.client.get(f"/v1/messages/{message_id}")).json()
+        if message["status"] != "streaming":
+            return message
+        await trio.sleep(0.05)
+
+
 async def test_a_sweeper_never_takes_another_live_servers_rows(
     start_chatsrv: StartChatsrv, upstream: Any
 ) -> None:
-    # Two servers on one database, with leases far shorter than the reply, and no checkpoint
-    # to renew the lease in passing: only the process-wide renewal keeps the row.
-    knobs = {"lease_s": 0.5, "sweep_interval_s": 0.1, "checkpoint_interval_s": 60.0}
+    """Two servers on one database, with leases far shorter than the reply, and no checkpoint to
+    renew the lease in passing: only the process-wide renewal keeps the live row.
+
+    The positive control, under the same conditions: a row of the streaming server's, begun
+    after the live one with the same lease, that no running turn holds, so nothing renews it.
+    The other server sweeps it; from then on each of its sweeps finds the live row's first lease
+    long expired, so "not swept" means the renewals kept it."""
+    knobs = {
+        "lease_s": LEASE_S,
+        "sweep_interval_s": SWEEP_INTERVAL_S,
+        "checkpoint_interval_s": 60.0,
+    }
     streaming, sweeping = await start_chatsrv(**knobs), await start_chatsrv(**knobs)
     upstream.script.tokens = TOKENS[:3]
     upstream.script.gated = True
     conversation_id = await streaming.new_conversation()
+    control_conversation_id = await streaming.new_conversation()
+    sweeps = SweepCounter()
 
-    with trio.fail_after(20):
+    with sweeping.before_each_statement(sweeps), trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             upstream.release(1)
             stream = await streaming.stream_until(nursery, conversation_id)
-            # Four lease periods, forty sweeps by the other server: real time has to pass.
-            await trio.sleep(2.0)
+            control = await streaming.service.store.begin_turn(
+                control_conversation_id,
+                content="control",
+                model=None,
+                default_model="m",
+                owner=streaming.service.engine.owner,
+                lease_s=LEASE_S,
+            )
+            assert control is not None
+            swept = await wait_until_swept(sweeping, control.assistant_message["id"])
+            assert (swept["status"], swept["stop_reason"]) == ("interrupted", "server_crash")
+            # One more lease's worth of sweeps, each after the live row's first lease expired.
+            await sweeps.wait_for(sweeps.count + round(LEASE_S / SWEEP_INTERVAL_S))
             [_, reply] = await sweeping.messages(conversation_id)
             assert reply["status"] == "streaming"
+            # Not even for a moment: a sweep sets updated_at (as it did on the control), and a
+            # renewal that took the row back afterwards would not restore it.
+            assert reply["updated_at"] == reply["created_at"]
+            assert swept["updated_at"] != swept["created_at"]
             upstream.release(2)
 
     assert stream.done is not None and stream.done["status"] == "complete"

@@ -97,8 +97,9 @@ async def final_reply(store: GatedStore, conversation_id: str) -> dict[str, Any]
 async def test_deltas_that_arrive_together_go_out_as_one_event(
     engine: TurnEngine, store: GatedStore
 ) -> None:
-    turn = await engine.start_turn(await new_request(store))
-    events = [event async for event in relay(turn)]
+    with trio.fail_after(10):
+        turn = await engine.start_turn(await new_request(store))
+        events = [event async for event in relay(turn)]
     deltas = [event for event in events if b"event: delta" in event]
     assert deltas == [b'id: 5\nevent: delta\ndata: {"content":"abcde"}\n\n']
 

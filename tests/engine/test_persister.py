@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import Any, cast
 
+import pytest
 import trio
 import trio.testing
 
@@ -35,12 +36,19 @@ class RecordingStore:
         return True
 
 
+# When each delta arrives, in checkpoint intervals from the first. None coincides with a
+# checkpoint (at 1.0 and 2.0): whether a checkpoint due at the same instant as a delta saw that
+# delta would hang on float rounding in the sums of the times.
+DELTA_OFFSETS = (0.0, 0.6, 1.1, 1.6, 2.1, 2.6)
+
+
 async def test_checkpoints_count_from_the_first_delta(
     autojump_clock: trio.testing.MockClock, tmp_path: Path
 ) -> None:
     """An upstream slow to answer costs no checkpoint, and one every interval from the first
-    delta on: 2.5 intervals of deltas make two checkpoints. The keep-alive pings that wake the
-    turn's relays meanwhile do not start the clock."""
+    delta on: 2.6 intervals of deltas make two checkpoints. The keep-alive pings that wake the
+    turn's relays meanwhile (every 0.5 s from t = 1.0, six before the first delta) do not start
+    the clock: had the first ping started it, checkpoints would fall at 0.3, 1.3 and 2.3."""
     store = RecordingStore()
     settings = Settings(database_url="sqlite:///unused.db", checkpoint_interval_s=1.0)
     persister = Persister(cast(Store, store), Journal(tmp_path, "test"), settings, owner="test")
@@ -53,22 +61,20 @@ async def test_checkpoints_count_from_the_first_delta(
         on_orphaned=lambda _: None,
     )
     deltas_tx, deltas_rx = trio.open_memory_channel[str](math.inf)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(functools.partial(keep_alive, lambda: [turn], heartbeat_s=1.0))
-        nursery.start_soon(persister.run, turn, deltas_rx)
-        with deltas_tx:
-            await trio.sleep(3.7)  # the upstream takes its time to answer
-            first = trio.current_time()
-            for i in range(6):
-                if i:
-                    await trio.sleep(0.5)
-                deltas_tx.send_nowait(str(i))
-            turn.outcome = Outcome(Status.COMPLETE, "stop")
-        await turn.finished.wait()
-        nursery.cancel_scope.cancel()
-    assert [(at - first, content) for at, content in store.checkpoints] == [
-        (1.0, "01"),
-        (2.0, "0123"),
-    ]
+    with trio.fail_after(60):  # virtual time: a hang fails at once
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(functools.partial(keep_alive, lambda: [turn], heartbeat_s=1.0))
+            nursery.start_soon(persister.run, turn, deltas_rx)
+            with deltas_tx:
+                await trio.sleep(3.7)  # the upstream takes its time to answer
+                first = trio.current_time()
+                for i, offset in enumerate(DELTA_OFFSETS):
+                    await trio.sleep_until(first + offset)
+                    deltas_tx.send_nowait(str(i))
+                turn.outcome = Outcome(Status.COMPLETE, "stop")
+            await turn.finished.wait()
+            nursery.cancel_scope.cancel()
+    assert [content for _, content in store.checkpoints] == ["01", "0123"]
+    assert [at - first for at, _ in store.checkpoints] == pytest.approx([1.0, 2.0])
     assert store.final == "012345"
     assert turn.persisted

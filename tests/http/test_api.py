@@ -1,5 +1,6 @@
 """The HTTP contract, v1, against a real server: routes, shapes, SSE framing, and bad input
-answered with a 4xx JSON error that writes nothing."""
+answered with a 4xx JSON error that writes nothing (rows counted in the database itself, not
+read back through the API)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.server import Chatsrv
+from tests.server import Chatsrv, rows
 
 
 def assert_error(response: Any, status: int, code: str) -> None:
@@ -22,7 +23,7 @@ def assert_error(response: Any, status: int, code: str) -> None:
 
 async def test_healthz(chatsrv: Chatsrv) -> None:
     response = await chatsrv.client.get("/healthz")
-    assert response.status_code == 200
+    assert (response.status_code, response.json()) == (200, {"status": "ok"})
 
 
 async def test_conversation_lifecycle(chatsrv: Chatsrv) -> None:
@@ -86,6 +87,9 @@ async def test_complete_turn(chatsrv: Chatsrv, upstream: Any) -> None:
     assert assistant["usage"] == stream.done["usage"]
     response = await chatsrv.client.get(f"/v1/messages/{stream.message_id}")
     assert response.json() == assistant
+    # In the database itself: one conversation, one user row, one assistant row. (This also
+    # shows that count_rows, which the bad-input tests rely on, sees the server's database.)
+    assert await chatsrv.count_rows() == rows(1, 2)
 
     sent = upstream.requests[-1]
     assert sent["model"] == "fake-model"
@@ -146,24 +150,27 @@ async def test_bad_message_writes_nothing(
     chatsrv: Chatsrv, upstream: Any, body: bytes, status: int, code: str
 ) -> None:
     conversation_id = await chatsrv.new_conversation()
+    assert await chatsrv.count_rows() == rows(1, 0)
     response = await chatsrv.client.post(
         f"/v1/conversations/{conversation_id}/messages",
         content=body,
         headers={"content-type": "application/json"},
     )
     assert_error(response, status, code)
-    assert await chatsrv.messages(conversation_id) == []
+    assert await chatsrv.count_rows() == rows(1, 0)
     assert upstream.requests == []
 
 
 async def test_too_long_message_writes_nothing(start_chatsrv: Any, upstream: Any) -> None:
     chatsrv = await start_chatsrv(max_message_chars=10)
     conversation_id = await chatsrv.new_conversation()
+    assert await chatsrv.count_rows() == rows(1, 0)
     response = await chatsrv.client.post(
         f"/v1/conversations/{conversation_id}/messages", json={"content": "x" * 11}
     )
     assert_error(response, 422, "invalid_request")
-    assert await chatsrv.messages(conversation_id) == []
+    assert await chatsrv.count_rows() == rows(1, 0)
+    assert upstream.requests == []
 
 
 @pytest.mark.parametrize("conversation_id", [str(uuid.uuid4()), "not-a-uuid"])
@@ -172,6 +179,7 @@ async def test_unknown_conversation(chatsrv: Chatsrv, upstream: Any, conversatio
         f"/v1/conversations/{conversation_id}/messages", json={"content": "hi"}
     )
     assert_error(response, 404, "not_found")
+    assert await chatsrv.count_rows() == rows(0, 0)
     assert_error(await chatsrv.client.get(f"/v1/conversations/{conversation_id}"), 404, "not_found")
     response = await chatsrv.client.get(f"/v1/conversations/{conversation_id}/messages")
     assert_error(response, 404, "not_found")
@@ -195,13 +203,12 @@ async def test_unknown_message(chatsrv: Chatsrv) -> None:
 async def test_bad_conversation_writes_nothing(
     chatsrv: Chatsrv, body: bytes, status: int, code: str
 ) -> None:
-    before = (await chatsrv.client.get("/v1/conversations")).json()["conversations"]
+    assert await chatsrv.count_rows() == rows(0, 0)
     response = await chatsrv.client.post(
         "/v1/conversations", content=body, headers={"content-type": "application/json"}
     )
     assert_error(response, status, code)
-    after = (await chatsrv.client.get("/v1/conversations")).json()["conversations"]
-    assert after == before
+    assert await chatsrv.count_rows() == rows(0, 0)
 
 
 async def test_unknown_route_and_method_are_json(chatsrv: Chatsrv) -> None:
@@ -215,21 +222,23 @@ async def test_list_limit_is_validated(chatsrv: Chatsrv) -> None:
         assert_error(response, 422, "invalid_request")
     first = await chatsrv.new_conversation(title="a")
     second = await chatsrv.new_conversation(title="b")
-    listed = (await chatsrv.client.get("/v1/conversations", params={"limit": "1"})).json()
-    assert [c["id"] for c in listed["conversations"]] == [second]
-    assert first != second
+    for limit, expected in (("1", [second]), ("2", [second, first])):
+        listed = (await chatsrv.client.get("/v1/conversations", params={"limit": limit})).json()
+        assert [c["id"] for c in listed["conversations"]] == expected
 
 
-async def test_oversized_body_is_refused(start_chatsrv: Any) -> None:
+async def test_oversized_body_is_refused(start_chatsrv: Any, upstream: Any) -> None:
     chatsrv = await start_chatsrv(max_message_chars=1000)
     conversation_id = await chatsrv.new_conversation()
+    assert await chatsrv.count_rows() == rows(1, 0)
     response = await chatsrv.client.post(
         f"/v1/conversations/{conversation_id}/messages",
         content=b'{"content": "' + b"x" * (200 * 1024) + b'"}',
         headers={"content-type": "application/json"},
     )
     assert_error(response, 413, "request_entity_too_large")
-    assert await chatsrv.messages(conversation_id) == []
+    assert await chatsrv.count_rows() == rows(1, 0)
+    assert upstream.requests == []
 
 
 async def test_nul_characters(chatsrv: Chatsrv, upstream: Any) -> None:
@@ -238,10 +247,12 @@ async def test_nul_characters(chatsrv: Chatsrv, upstream: Any) -> None:
         f"/v1/conversations/{conversation_id}/messages", json={"content": "a\x00b"}
     )
     assert_error(response, 422, "invalid_request")
-    assert await chatsrv.messages(conversation_id) == []
+    assert await chatsrv.count_rows() == rows(1, 0)
+    assert upstream.requests == []
 
     # From the upstream, where JSON allows it: replaced, so that what is relayed is stored.
     upstream.script.tokens = ["x\x00", "y"]
     stream = await chatsrv.stream(conversation_id)
     assert stream.text == "x\ufffdy"
     assert (await chatsrv.messages(conversation_id))[1]["content"] == "x\ufffdy"
+    assert await chatsrv.count_rows() == rows(1, 2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 
 import trio
 import trio.testing
@@ -103,6 +104,8 @@ async def test_keep_alive_pings_only_quiet_streams(autojump_clock: trio.testing.
         nursery.start_soon(functools.partial(keep_alive, lambda: [busy, quiet], heartbeat_s=10))
         nursery.start_soon(read, busy)
         nursery.start_soon(read, quiet)
+        # A delta every 3 s: each of keep_alive's 5 s windows holds one strictly inside it, so
+        # the look at t = 15, due with a delta, finds the stream busy whichever runs first.
         for _ in range(9):
             await trio.sleep(3)
             busy.extend(["x"])
@@ -112,6 +115,8 @@ async def test_keep_alive_pings_only_quiet_streams(autojump_clock: trio.testing.
         await trio.testing.wait_all_tasks_blocked()
         nursery.cancel_scope.cancel()
     assert [at for at, event in received[quiet] if event == PING] == [10, 15, 20, 25]
+    quiet_times = [at for at, _ in received[quiet]]
+    assert max(b - a for a, b in itertools.pairwise(quiet_times)) == 10  # the heartbeat
     assert [event for _, event in received[busy] if event == PING] == []
     for turn in (busy, quiet):
         assert received[turn][-1][1].startswith(b"event: done\n")

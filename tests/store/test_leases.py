@@ -81,10 +81,14 @@ async def test_sweep_takes_only_rows_whose_lease_expired(store: Store) -> None:
 
 async def test_a_sweeper_never_takes_its_own_rows(store: Store) -> None:
     turn = await begin(store, await new_conversation(store), owner="me", lease_s=0.01)
-    await trio.sleep(0.05)
+    await trio.sleep(0.05)  # the lease expires (the store's clock is the wall clock)
     assert await store.sweep("me") == 0
     message = await store.get_message(turn.assistant_message["id"])
     assert message is not None and message["status"] == "streaming"
+    # The control: the lease had expired, and any other sweeper takes the row.
+    assert await store.sweep("other") == 1
+    message = await store.get_message(turn.assistant_message["id"])
+    assert message is not None and message["status"] == "interrupted"
 
 
 async def test_an_owner_cut_off_past_its_lease_takes_its_row_back(store: Store) -> None:
@@ -148,9 +152,10 @@ async def test_concurrent_requests_with_one_key_make_one_turn(store: Store) -> N
     async def send() -> None:
         results.append(await begin(store, cid, owner="a", lease_s=30, key="same"))
 
-    async with trio.open_nursery() as nursery:
-        for _ in range(8):
-            nursery.start_soon(send)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            for _ in range(8):
+                nursery.start_soon(send)
 
     assert sum(not r.existing for r in results) == 1
     assert len({r.assistant_message["id"] for r in results}) == 1

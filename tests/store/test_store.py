@@ -3,12 +3,14 @@
 Rules: every store behaviour is checked on both databases (the ``database_url`` fixture);
 PostgreSQL is never skipped. Fault tests break the real thing (a terminated backend, a held
 SQLite lock, a closed port) rather than patching the store. Anything that could hang runs
-under ``trio.fail_after``; waits are on events, never on sleeps.
+under ``trio.fail_after``; waits are on events, never on sleeps, except for a few polls of
+PostgreSQL's own state (``pg_stat_activity``), which no event reports; none is timed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import gc
 import inspect
@@ -17,6 +19,7 @@ import socket
 import sqlite3
 import threading
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -500,15 +503,48 @@ async def test_store_calls_hold_no_thread(store: Store) -> None:
     assert len(await store.list_conversations()) == 20
 
 
+@contextlib.asynccontextmanager
+async def observer(url: str) -> AsyncIterator[Callable[[str], Awaitable[Any]]]:
+    """A connection of the test's own to PostgreSQL, beside the store's: ``fetchval(query)``."""
+    async with open_asyncio_thread(name="test-observer") as bridge:
+        conn = await bridge.run(asyncpg.connect(plain_url(url), timeout=10))
+        try:
+
+            async def fetchval(query: str) -> Any:
+                return await bridge.run(conn.fetchval(query))
+
+            yield fetchval
+        finally:
+            await bridge.run(conn.close(timeout=5))
+
+
+async def wait_for_backends(fetchval: Callable[[str], Awaitable[Any]], where: str, n: int) -> None:
+    """Poll until ``n`` other backends of this database match ``where`` in pg_stat_activity
+    (bounded by the caller: what asyncpg does on its own thread, Trio cannot wait on)."""
+    query = (
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        f"AND pid <> pg_backend_pid() AND {where}"
+    )
+    while await fetchval(query) < n:  # noqa: ASYNC110 (the state is PostgreSQL's: no Event)
+        await trio.sleep(0.01)
+
+
 async def test_slow_postgresql_calls_run_concurrently(postgresql_url: str) -> None:
-    async with Store.open(postgresql_url, pool_size=10) as store:
+    """Ten calls that each wait for a lock the test holds are all waiting at once, each on a
+    connection of its own. Counted in pg_stat_activity, not timed: calls run one after the
+    other would never have more than one waiting."""
+    lock = "pg_advisory_xact_lock_shared(4242)"
+    async with Store.open(postgresql_url, pool_size=10) as store, observer(postgresql_url) as db:
+        await db("SELECT pg_advisory_lock(4242)")
         limiter = trio.to_thread.current_default_thread_limiter()
         limiter.total_tokens = 1
-        # Ten 0.3 s sleeps take 3 s one after the other; concurrently, about 0.3 s.
-        with trio.fail_after(2):
+        with trio.fail_after(20):
             async with limiter, trio.open_nursery() as nursery:
                 for _ in range(10):
-                    nursery.start_soon(execute, store, "SELECT pg_sleep(0.3)")
+                    nursery.start_soon(execute, store, f"SELECT {lock}")
+                waiting = f"wait_event_type = 'Lock' AND query = 'SELECT {lock}'"
+                await wait_for_backends(db, waiting, 10)
+                await db("SELECT pg_advisory_unlock(4242)")
 
 
 async def test_cancelling_the_caller_cancels_the_asyncio_task_without_waiting() -> None:
@@ -544,10 +580,16 @@ async def test_cancelling_the_caller_cancels_the_asyncio_task_without_waiting() 
 
 
 async def test_cancelled_postgresql_query_leaves_the_store_usable(postgresql_url: str) -> None:
-    async with Store.open(postgresql_url, pool_size=1) as store:
-        with trio.move_on_after(0.2) as scope:
-            await execute(store, "SELECT pg_sleep(30)")
-        assert scope.cancelled_caught
+    async with Store.open(postgresql_url, pool_size=1) as store, observer(postgresql_url) as db:
+        with trio.fail_after(15):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(execute, store, "SELECT pg_sleep(30)")
+                # Cancelled once the query runs on the server, not while it connects.
+                running = "state = 'active' AND query = 'SELECT pg_sleep(30)'"
+                await wait_for_backends(db, running, 1)
+                nursery.cancel_scope.cancel()
+        # The pool's one connection was busy with the query: it must be usable again (or
+        # replaced) well before the query would have ended.
         with trio.fail_after(15):
             await store.ping()
             await new_turn(store)
