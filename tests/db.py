@@ -1,9 +1,9 @@
 """Database fixtures: every store test runs on SQLite and on a real PostgreSQL.
 
 - ``postgresql_url`` (session): a fresh database ``chatsrv_test_<hex>`` on the server named by
-  ``CHATSRV_TEST_DATABASE_URL`` (what CI sets), or on a throwaway cluster started with
-  pytest-postgresql when that is unset and ``pg_ctl`` is usable; dropped at the end. PostgreSQL
-  is never skipped: without a server the tests fail and say how to provide one.
+  ``CHATSRV_TEST_DATABASE_URL`` (what CI sets), or, when that is unset, on a throwaway
+  PostgreSQL 18 (``tests/embedded_postgres.py``); dropped at the end. PostgreSQL is never
+  skipped.
 - ``database_url`` (function, ``sqlite``/``postgresql``): a SQLite file in ``tmp_path``, or the
   PostgreSQL database emptied for this test.
 - ``store``: a :class:`~chatsrv.store.Store` opened on ``database_url``.
@@ -15,11 +15,8 @@ plain ``asyncio.run``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import secrets
-import shutil
-import socket
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
@@ -30,8 +27,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from chatsrv.store import Store
-
-DATABASE_URL_VARIABLE = "CHATSRV_TEST_DATABASE_URL"
+from tests.embedded_postgres import DATABASE_URL_VARIABLE, embedded_postgresql
 
 
 def plain_url(url: str, *, database: str | None = None) -> str:
@@ -102,22 +98,13 @@ def terminate_backend(url: str, pid: int) -> None:
 
 
 @pytest.fixture(scope="session")
-def postgresql_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def postgresql_url() -> Iterator[str]:
     server = os.environ.get(DATABASE_URL_VARIABLE)
     if server:
         yield from _fresh_database(server)
         return
-    if shutil.which("pg_ctl") and os.geteuid() != 0:
-        with _throwaway_cluster(tmp_path_factory.mktemp("postgresql")) as cluster_url:
-            yield from _fresh_database(cluster_url)
-        return
-    pytest.fail(
-        f"the store tests need PostgreSQL: set {DATABASE_URL_VARIABLE} to a server URL, e.g. "
-        f"{DATABASE_URL_VARIABLE}=postgresql://postgres@127.0.0.1:5432/test (the user must be "
-        "allowed to create databases), or put pg_ctl on PATH and run as a non-root user to "
-        "start a throwaway cluster",
-        pytrace=False,
-    )
+    with embedded_postgresql() as embedded:
+        yield from _fresh_database(embedded.url)
 
 
 def _fresh_database(server_url: str) -> Iterator[str]:
@@ -133,35 +120,6 @@ def _fresh_database(server_url: str) -> Iterator[str]:
             f"WHERE datname = '{name}' AND pid <> pg_backend_pid()",
             f'DROP DATABASE IF EXISTS "{name}"',
         )
-
-
-@contextlib.contextmanager
-def _throwaway_cluster(directory: Path) -> Iterator[str]:
-    """A PostgreSQL cluster of our own in ``directory``, on a free loopback port; its URL."""
-    try:
-        from pytest_postgresql.executor import PostgreSQLExecutor  # type: ignore[import-not-found]
-    except ImportError:  # pytest-postgresql >= 8 moved it
-        from pytest_postgresql.executors import PostgreSQLExecutor
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    (directory / "sock").mkdir()
-    executor = PostgreSQLExecutor(
-        executable=str(shutil.which("pg_ctl")),
-        host="127.0.0.1",
-        port=port,
-        datadir=str(directory / "data"),
-        unixsocketdir=str(directory / "sock"),
-        logfile=str(directory / "postgresql.log"),
-        startparams="-w",
-        dbname="postgres",
-        user="postgres",
-    )
-    executor.start()
-    try:
-        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
-    finally:
-        executor.stop()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"], ids=["sqlite", "postgresql"])
