@@ -4,7 +4,8 @@ in a real subprocess — while 20 replies stream, each longer than hypercorn's g
 Every reply is committed ``interrupted``/``server_shutdown`` with at least what its client
 received, and hypercorn exits 0. With the grace shorter than ``graceful_timeout`` (the shipped
 configuration) every client also gets its ``done`` event; with it longer, hypercorn closes the
-connections first and the replies are committed all the same.
+connections first and the replies are committed all the same. Either way hypercorn logs no
+traceback and no error.
 """
 
 from __future__ import annotations
@@ -29,10 +30,13 @@ TOKENS = [f"w{i} " for i in range(2000)]  # at 20 ms a token: 40 s, far beyond a
 @pytest.mark.parametrize(
     ("grace_s", "graceful_timeout", "clients_get_done", "to_the_group"),
     [
-        pytest.param(1.0, 3.0, True, False, id="grace-within-graceful-timeout"),
+        # After the grace, the final commits and the `done` events have 5 s before hypercorn
+        # would close the connections: a margin a loaded machine keeps, and it costs nothing,
+        # since hypercorn stops as soon as the last connection has closed.
+        pytest.param(1.0, 6.0, True, False, id="grace-within-graceful-timeout"),
         pytest.param(5.0, 1.0, False, False, id="graceful-timeout-first"),
         # systemd's default KillMode, `kill -- -PGID`: the worker gets SIGTERM too.
-        pytest.param(1.0, 3.0, True, True, id="to-the-process-group"),
+        pytest.param(1.0, 6.0, True, True, id="to-the-process-group"),
     ],
 )
 async def test_sigterm_commits_every_streaming_reply(
@@ -61,24 +65,24 @@ async def test_sigterm_commits_every_streaming_reply(
         server = await start_hypercorn(nursery, tmp_path, env, graceful_timeout=graceful_timeout)
         process = server.process
         try:
-            async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
-                api = ApiClient(http)
-                conversations = [await api.new_conversation() for _ in range(STREAMS)]
-                streaming = trio.Semaphore(0)
+            with trio.fail_after(45):
+                async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+                    api = ApiClient(http)
+                    conversations = [await api.new_conversation() for _ in range(STREAMS)]
+                    streaming = trio.Semaphore(0)
 
-                async def client(conversation_id: str) -> None:
-                    async def seen(received: int) -> None:
-                        if received == 1:
-                            streaming.release()
+                    async def client(conversation_id: str) -> None:
+                        async def seen(received: int) -> None:
+                            if received == 1:
+                                streaming.release()
 
-                    stream = Stream(0)
-                    streams[conversation_id] = stream
-                    try:
-                        await api.stream(conversation_id, on_delta=seen, into=stream)
-                    except httpx.RemoteProtocolError:
-                        assert not clients_get_done, "the connection was cut before `done`"
+                        stream = Stream(0)
+                        streams[conversation_id] = stream
+                        try:
+                            await api.stream(conversation_id, on_delta=seen, into=stream)
+                        except httpx.RemoteProtocolError:
+                            assert not clients_get_done, "the connection was cut before `done`"
 
-                with trio.fail_after(60):
                     async with trio.open_nursery() as clients:
                         for conversation_id in conversations:
                             clients.start_soon(client, conversation_id)
@@ -88,22 +92,24 @@ async def test_sigterm_commits_every_streaming_reply(
                             os.killpg(process.pid, signal.SIGTERM)
                         else:
                             process.send_signal(signal.SIGTERM)
-                    assert await process.wait() == 0, server.output()
+                # The client's idle connections are closed now: hypercorn need not wait for them.
+                assert await server.exited() == 0, server.output()
         finally:
-            if process.returncode is None:
-                process.kill()
-            nursery.cancel_scope.cancel()
+            server.kill_all()  # only if a failure above left it running
+    server.log.assert_clean()
 
-    async with Store.open(database_url) as store:
-        for conversation_id, stream in streams.items():
-            messages = await store.list_messages(conversation_id)
-            assert messages is not None
-            [reply] = [m for m in messages if m["role"] == "assistant"]
-            assert (reply["status"], reply["stop_reason"]) == ("interrupted", "server_shutdown")
-            assert reply["content"].startswith(stream.text) and stream.text
-            if clients_get_done:
-                assert stream.done == {
-                    "message_id": reply["id"],
-                    "status": "interrupted",
-                    "stop_reason": "server_shutdown",
-                }
+    with trio.fail_after(10):
+        async with Store.open(database_url) as store:
+            stored = {cid: await store.list_messages(cid) for cid in streams}
+    for conversation_id, stream in streams.items():
+        messages = stored[conversation_id]
+        assert messages is not None
+        [reply] = [m for m in messages if m["role"] == "assistant"]
+        assert (reply["status"], reply["stop_reason"]) == ("interrupted", "server_shutdown")
+        assert reply["content"].startswith(stream.text) and stream.text
+        if clients_get_done:
+            assert stream.done == {
+                "message_id": reply["id"],
+                "status": "interrupted",
+                "stop_reason": "server_shutdown",
+            }
