@@ -34,6 +34,9 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# How long stopping the loop waits for the tasks still on it, first as they are, then cancelled.
+_SETTLE_S = 2.0
+
 
 class BridgeClosed(RuntimeError):
     """The asyncio loop is closed or closing: a coroutine can no longer run on it."""
@@ -111,6 +114,13 @@ class AsyncioThread:
         """
         if self._closing:
             return
+        with trio.move_on_after(min(_SETTLE_S, timeout_s), shield=True):
+            # Tasks whose Trio callers were cancelled are still unwinding: let them finish
+            # before the loop stops. Cancelling them a second time can cut a driver's own
+            # cleanup in half: SQLAlchemy then force-closes an aiosqlite connection whose
+            # graceful close is under way, and that close never returns.
+            with contextlib.suppress(BridgeClosed):
+                await self.run(_settle(_SETTLE_S))
         self._closing = True
         with contextlib.suppress(RuntimeError):  # already closed: the thread died
             self._loop.call_soon_threadsafe(self._loop.stop)
@@ -141,17 +151,27 @@ class AsyncioThread:
                 loop.close()
 
 
+async def _settle(timeout_s: float) -> None:
+    """Wait, up to ``timeout_s``, until every other task on this loop has finished."""
+    others = asyncio.all_tasks() - {asyncio.current_task()}
+    if others:
+        await asyncio.wait(others, timeout=timeout_s)
+
+
 def _cancel_leftovers(loop: asyncio.AbstractEventLoop) -> None:
-    """Cancel the tasks still on ``loop`` and let them unwind (cf. ``asyncio.run``)."""
+    """Cancel the tasks still on ``loop`` and let them unwind (cf. ``asyncio.run``), for at
+    most ``_SETTLE_S``: one that does not is abandoned with the loop, and logged."""
     tasks = asyncio.all_tasks(loop)
     if not tasks:
         return
     for task in tasks:
         task.cancel()
-    loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
-    for task in tasks:
+    _, pending = loop.run_until_complete(asyncio.wait(tasks, timeout=_SETTLE_S))
+    for task in tasks - pending:
         if not task.cancelled() and task.exception() is not None:
             logger.warning("asyncio task failed during shutdown", exc_info=task.exception())
+    for task in pending:
+        logger.warning("asyncio task still running at shutdown, abandoned: %r", task)
 
 
 @contextlib.asynccontextmanager

@@ -14,6 +14,7 @@ import contextlib
 import functools
 import gc
 import inspect
+import logging
 import re
 import socket
 import sqlite3
@@ -660,3 +661,34 @@ async def test_close_stops_the_loop_thread(database_url: str) -> None:
         with pytest.raises(StoreError, match="closed"):
             await store.ping()
     gc.collect()
+
+
+async def test_a_store_closes_at_once_after_a_statement_was_cancelled(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Shutdown cancels a recovery round while its statement waits for SQLite's write lock;
+    the driver then closes that connection on the loop, behind the waiting statement. Stopping
+    the loop must let that close finish rather than cancel it halfway: aiosqlite's close then
+    never returned, and the shutdown waited out the store's timeout and abandoned its thread."""
+    path = tmp_path / "chatsrv.db"
+    executing = threading.Event()
+
+    def executing_soon(*_: Any) -> None:  # on the asyncio thread, as the statement goes out
+        executing.set()
+
+    with trio.fail_after(20):
+        async with Store.open(f"sqlite+aiosqlite:///{path}", timeout_s=5.0) as store:
+            blocker = sqlite3.connect(path, isolation_level=None)
+            blocker.execute("BEGIN IMMEDIATE")  # holds the write lock the sweep waits for
+            event.listen(store._engine.sync_engine, "before_cursor_execute", executing_soon)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(store.sweep, "someone")
+                await trio.to_thread.run_sync(executing.wait)
+                nursery.cancel_scope.cancel()
+            blocker.execute("COMMIT")
+            blocker.close()
+            closing = trio.current_time()
+        # Well under the store's timeout, which the close used to wait out.
+        assert trio.current_time() - closing < 3.0
+        assert not store._bridge.thread.is_alive()
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
