@@ -2,14 +2,25 @@
 
 It owns the database completely: the schema (``schema.sql``, described to the query builder by
 ``_tables.py``), the SQL (``_statements.py``), the SQLAlchemy async engine and its drivers
-(``_database.py``), the asyncio loop thread they run on (``_aio.py``), the records it returns
+(``_database.py``), the asyncio loop thread they run on (``_aio.py``), the notifications between
+processes on PostgreSQL (``_bus.py``), the records it returns
 (``_records.py``), and the error boundary: every driver exception leaves as ``StoreError``.
 Nothing outside this package imports SQLAlchemy, asyncpg or aiosqlite.
 
 May import: ``chatsrv._settings``, ``chatsrv._errors``. Nothing else of chatsrv.
 """
 
-from ._records import Conversation, Message, TurnStart
+from ._bus import MAX_PAYLOAD_BYTES, Bus, Subscription
+from ._records import Conversation, Message, RunningReply, TurnStart
 from ._store import Store
 
-__all__ = ["Conversation", "Message", "Store", "TurnStart"]
+__all__ = [
+    "MAX_PAYLOAD_BYTES",
+    "Bus",
+    "Conversation",
+    "Message",
+    "RunningReply",
+    "Store",
+    "Subscription",
+    "TurnStart",
+]

@@ -38,6 +38,16 @@ class Message(TypedDict):
     parent_id: str | None  # an assistant message: the user message it answers
 
 
+class RunningReply(TypedDict):
+    """A reply some process is streaming now, as ``GET /v1/turns`` lists it."""
+
+    message_id: str
+    conversation_id: str
+    offset: int  # characters saved so far (its owner may hold more)
+    started_at: str
+    owner: str  # the process that runs the turn
+
+
 @dataclass(frozen=True)
 class TurnStart:
     user_message: Message
@@ -122,6 +132,16 @@ def conversation_record(row: Any) -> Conversation:
         model=row["model"],
         system=row["system_prompt"],
         created_at=iso(row["created_at"]),
+    )
+
+
+def running_record(row: Any) -> RunningReply:
+    return RunningReply(
+        message_id=str(row["id"]),
+        conversation_id=str(row["conversation_id"]),
+        offset=int(row["offset"]),
+        started_at=iso(row["created_at"]),
+        owner=str(row["owner"]),
     )
 
 

@@ -17,6 +17,7 @@ from sqlalchemy import (
     Text,
     Update,
     and_,
+    case,
     delete,
     func,
     insert,
@@ -32,6 +33,9 @@ from ._tables import conversations, messages
 
 # How long an Idempotency-Key names its turn.
 IDEMPOTENCY_WINDOW: Final = timedelta(hours=24)
+
+# A streaming row's stop_reason while a client's cancel request waits for its owner.
+CANCEL_REQUESTED: Final = "user_cancelled"
 
 
 # -- Conversations and messages ------------------------------------------------------------------
@@ -155,6 +159,50 @@ def keyed_reply(cid: str, key: str, now: datetime) -> Select[Any]:
 # -- A reply while it streams, and its end ------------------------------------------------------
 
 
+def streaming_replies(now: datetime) -> Select[Any]:
+    """The replies being streamed by a live process (their lease runs), oldest first."""
+    return (
+        select(
+            messages.c.id,
+            messages.c.conversation_id,
+            func.length(messages.c.content).label("offset"),
+            messages.c.created_at,
+            messages.c.owner,
+        )
+        .where(messages.c.status == "streaming", messages.c.lease_expires_at >= now)
+        .order_by(messages.c.created_at, messages.c.id)
+    )
+
+
+def request_cancel(mid: str) -> Update:
+    """Ask the owner of a streaming reply to cancel it: it finds ``user_cancelled`` in the row's
+    stop_reason (see ``cancel_requests``), stops the turn and commits it ``cancelled``."""
+    return (
+        update(messages)
+        .where(
+            messages.c.id == mid,
+            messages.c.role == "assistant",
+            messages.c.status == "streaming",
+        )
+        .values(stop_reason=CANCEL_REQUESTED)
+    )
+
+
+def cancel_requests(owner: str) -> Select[Any]:
+    """The streaming replies of ``owner`` that a client asked to cancel."""
+    return select(messages.c.id).where(
+        messages.c.owner == owner,
+        messages.c.status == "streaming",
+        messages.c.stop_reason == CANCEL_REQUESTED,
+    )
+
+
+def _kept_cancel_request() -> ColumnElement[Any]:
+    """A streaming row's stop_reason after a write of its owner: a cancel request stays until
+    the final commit; anything else (a sweep's 'server_crash' taken back) is cleared."""
+    return case((messages.c.stop_reason == CANCEL_REQUESTED, messages.c.stop_reason), else_=None)
+
+
 def checkpoint(mid: str, content: str, owner: str, lease_s: float, now: datetime) -> Update:
     return (
         update(messages)
@@ -162,7 +210,7 @@ def checkpoint(mid: str, content: str, owner: str, lease_s: float, now: datetime
         .values(
             content=content,
             status="streaming",
-            stop_reason=None,
+            stop_reason=_kept_cancel_request(),
             updated_at=now,
             lease_expires_at=now + timedelta(seconds=lease_s),
         )
@@ -173,7 +221,7 @@ def renew_leases(owner: str, ids: list[str], expires: datetime) -> Update:
     return (
         update(messages)
         .where(messages.c.id.in_(ids), _still_ours(owner))
-        .values(status="streaming", stop_reason=None, lease_expires_at=expires)
+        .values(status="streaming", stop_reason=_kept_cancel_request(), lease_expires_at=expires)
     )
 
 

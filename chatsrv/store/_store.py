@@ -4,7 +4,9 @@ The ``Store`` class is the layer's one door: the asyncio loop the engine runs on
 :class:`~chatsrv.store._aio.AsyncioThread`), the schema's application, and the error boundary:
 every driver exception leaves as :class:`~chatsrv._errors.StoreError`, or as
 :class:`~chatsrv._errors.StoreUnavailable` when a retry may succeed (``_database.py`` maps them and
-builds the engine). The statements themselves are built in ``_statements.py``.
+builds the engine). The statements themselves are built in ``_statements.py``, and the
+notifications between processes are ``_bus.py``'s (``Store.bus``). At a little over 400 lines it
+is kept whole: each method is a few lines, and the door reads better as one list.
 
 Every public method is one hop to the asyncio loop running one coroutine, which checks one
 connection out of the pool and runs one short transaction: no connection is held across calls,
@@ -18,12 +20,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import timedelta
 from typing import Any, Final, TypeVar
 
 import trio
-from sqlalchemy import Row, exc, insert, inspect, text
+from sqlalchemy import Executable, Row, RowMapping, exc, insert, inspect, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -31,16 +33,19 @@ from chatsrv._errors import StoreError
 
 from . import _statements as sql
 from ._aio import AsyncioThread, BridgeClosed, open_asyncio_thread
+from ._bus import Bus
 from ._database import create_engine, map_error
 from ._records import (
     CLOCK,
     Conversation,
     Message,
     NewTurn,
+    RunningReply,
     TurnStart,
     conversation_record,
     message_record,
     parse_id,
+    running_record,
 )
 from ._tables import MESSAGE_STATUSES, TABLE_NAMES, conversations
 from ._tables import schema_statements as _schema_statements
@@ -61,10 +66,12 @@ _LEASE_BATCH: Final = 500
 class Store:
     """The database, for Trio code. Build it with :meth:`open`."""
 
-    def __init__(self, bridge: AsyncioThread, engine: AsyncEngine) -> None:
+    def __init__(self, bridge: AsyncioThread, engine: AsyncEngine, *, timeout_s: float) -> None:
         self._bridge = bridge
         self._engine = engine
         self._postgresql = engine.dialect.name == "postgresql"
+        # Notifications between processes: PostgreSQL's LISTEN/NOTIFY; SQLite has none.
+        self.bus = Bus(bridge, engine, timeout_s=timeout_s) if self._postgresql else None
         # Writes take SQLite's write lock at BEGIN (_database.configure_sqlite); no-op on PG.
         self._writer = engine.execution_options(chatsrv_begin="IMMEDIATE")
         # A write that is one statement is atomic by itself: on PostgreSQL it runs without
@@ -88,7 +95,8 @@ class Store:
         """Start the asyncio thread and the engine, apply the schema if it is missing, and close
         everything (shielded, bounded by ``timeout_s``) when the block exits."""
         async with open_asyncio_thread(close_timeout_s=timeout_s) as bridge:
-            store = cls(bridge, create_engine(url, pool_size=pool_size, timeout_s=timeout_s))
+            engine = create_engine(url, pool_size=pool_size, timeout_s=timeout_s)
+            store = cls(bridge, engine, timeout_s=timeout_s)
             try:
                 if init_schema:
                     await store.init_schema()
@@ -97,6 +105,8 @@ class Store:
                 # Shielded: the pool's connections must be closed on their loop before it stops.
                 with trio.move_on_after(timeout_s, shield=True) as scope:
                     try:
+                        if store.bus is not None:
+                            await bridge.run(store.bus.aclose())
                         await bridge.run(store._engine.dispose())
                     except Exception:
                         logger.exception("disposing of the database engine failed")
@@ -120,37 +130,26 @@ class Store:
         """The newest ``limit`` conversations, newest first."""
         if limit < 0:
             raise ValueError("limit must not be negative")
-        return await self._call(self._list_conversations(limit))
+        rows = await self._call(self._read(sql.newest_conversations(limit)))
+        return [conversation_record(row) for row in rows]
 
     async def get_conversation(self, conversation_id: str) -> Conversation | None:
-        cid = parse_id(conversation_id)
-        if cid is None:
-            await trio.lowlevel.checkpoint()
-            return None
-        return await self._call(self._get_conversation(cid))
+        return await self._by_id(conversation_id, self._get_conversation, None)
 
     async def delete_conversation(self, conversation_id: str) -> bool:
         """Delete a conversation and (by cascade) its messages; return whether it existed."""
-        cid = parse_id(conversation_id)
-        if cid is None:
-            await trio.lowlevel.checkpoint()
-            return False
-        return await self._call(self._delete_conversation(cid))
+
+        def delete(cid: str) -> Coroutine[Any, Any, int]:
+            return self._write(sql.delete_conversation(cid))
+
+        return await self._by_id(conversation_id, delete, 0) > 0
 
     async def list_messages(self, conversation_id: str) -> list[Message] | None:
         """A conversation's messages in creation order; None if the conversation does not exist."""
-        cid = parse_id(conversation_id)
-        if cid is None:
-            await trio.lowlevel.checkpoint()
-            return None
-        return await self._call(self._list_messages(cid))
+        return await self._by_id(conversation_id, self._list_messages, None)
 
     async def get_message(self, message_id: str) -> Message | None:
-        mid = parse_id(message_id)
-        if mid is None:
-            await trio.lowlevel.checkpoint()
-            return None
-        return await self._call(self._get_message(mid))
+        return await self._by_id(message_id, self._get_message, None)
 
     async def begin_turn(
         self,
@@ -171,23 +170,24 @@ class Store:
         With an ``idempotency_key`` that already names a turn of this conversation (concurrent
         requests included), nothing is written and that turn is returned with ``existing``.
         """
-        cid = parse_id(conversation_id)
-        if cid is None:
-            await trio.lowlevel.checkpoint()
-            return None
-        turn = NewTurn(cid, content, model, default_model, owner, lease_s, idempotency_key)
-        return await self._call(self._begin_turn(turn))
+
+        def begin(cid: str) -> Coroutine[Any, Any, TurnStart | None]:
+            return self._begin_turn(
+                NewTurn(cid, content, model, default_model, owner, lease_s, idempotency_key)
+            )
+
+        return await self._by_id(conversation_id, begin, None)
 
     async def checkpoint(
         self, message_id: str, *, content: str, owner: str, lease_s: float
     ) -> bool:
         """Save a streaming reply's content so far and renew its lease, in one UPDATE that only
         touches a row still 'streaming' and still ours (a final commit is never overwritten)."""
-        mid = parse_id(message_id)
-        if mid is None:
-            await trio.lowlevel.checkpoint()
-            return False
-        return await self._call(self._checkpoint(mid, content, owner, lease_s))
+
+        def checkpoint(mid: str) -> Coroutine[Any, Any, int]:
+            return self._write(sql.checkpoint(mid, content, owner, lease_s, CLOCK.now()))
+
+        return await self._by_id(message_id, checkpoint, 0) > 0
 
     async def renew_leases(self, owner: str, message_ids: list[str], *, lease_s: float) -> int:
         """Extend the lease of the rows ``owner`` is streaming now; return how many.
@@ -205,11 +205,26 @@ class Store:
         """Mark streaming rows of other processes whose lease expired (their process died)
         'interrupted' with stop_reason 'server_crash', keeping their checkpointed content.
         Return how many replies were swept."""
-        return await self._call(self._sweep(sweeper))
+        return await self._call(self._write(sql.sweep(sweeper, CLOCK.now())))
+
+    async def running_replies(self) -> list[RunningReply]:
+        """The replies streamed now by live processes (whose lease runs), oldest first."""
+        rows = await self._call(self._read(sql.streaming_replies(CLOCK.now())))
+        return [running_record(row) for row in rows]
+
+    async def request_cancel(self, message_id: str) -> Message | None:
+        """Mark a streaming reply for its owner to cancel (see ``cancel_requests``); return
+        the message as it is then, or None if there is no such message."""
+        return await self._by_id(message_id, self._request_cancel, None)
+
+    async def cancel_requests(self, owner: str) -> list[str]:
+        """The ids of ``owner``'s streaming replies that a client asked to cancel."""
+        rows = await self._call(self._read(sql.cancel_requests(owner)))
+        return [str(row["id"]) for row in rows]
 
     async def forget_idempotency_keys(self) -> None:
         """Forget the Idempotency-Keys older than 24 h."""
-        await self._call(self._forget_keys())
+        await self._call(self._write(sql.forget_keys(CLOCK.now())))
 
     async def finish_reply(
         self,
@@ -227,10 +242,6 @@ class Store:
         """
         if status not in MESSAGE_STATUSES:
             raise ValueError(f"unknown message status {status!r}")
-        mid = parse_id(message_id)
-        if mid is None:
-            await trio.lowlevel.checkpoint()
-            return False
         values = {
             "content": content,
             "status": status,
@@ -240,9 +251,23 @@ class Store:
             "owner": None,
             "lease_expires_at": None,
         }
-        return await self._call(self._finish_reply(mid, values))
+
+        def finish(mid: str) -> Coroutine[Any, Any, int]:
+            return self._write(sql.finish_reply(mid, values, CLOCK.now()))
+
+        return await self._by_id(message_id, finish, 0) > 0
 
     # -- The bridge and the error boundary ------------------------------------------------------
+
+    async def _by_id(
+        self, value: str, run: Callable[[str], Coroutine[Any, Any, T]], missing: T
+    ) -> T:
+        """``run(id)`` on the loop, or ``missing`` without a query if ``value`` is no UUID."""
+        parsed = parse_id(value)
+        if parsed is None:
+            await trio.lowlevel.checkpoint()
+            return missing
+        return await self._call(run(parsed))
 
     async def _call(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run one coroutine on the loop: the one hop of a public method."""
@@ -286,20 +311,23 @@ class Store:
             await conn.execute(insert(conversations), row)
         return conversation_record(row)
 
-    async def _list_conversations(self, limit: int) -> list[Conversation]:
+    async def _read(self, statement: Executable) -> list[RowMapping]:
         async with self._engine.begin() as conn:
-            rows = (await conn.execute(sql.newest_conversations(limit))).mappings().all()
-        return [conversation_record(row) for row in rows]
+            return list((await conn.execute(statement)).mappings())
+
+    async def _write(self, statement: Executable) -> int:
+        """Run one statement that writes; how many rows it changed."""
+        async with self._one_statement.begin() as conn:
+            return (await conn.execute(statement)).rowcount
 
     async def _get_conversation(self, cid: str) -> Conversation | None:
         async with self._engine.begin() as conn:
             row = await _select_conversation(conn, cid)
         return None if row is None else conversation_record(row)
 
-    async def _delete_conversation(self, cid: str) -> bool:
-        async with self._one_statement.begin() as conn:
-            result = await conn.execute(sql.delete_conversation(cid))
-        return result.rowcount > 0
+    async def _get_message(self, mid: str) -> Message | None:
+        rows = await self._read(sql.message(mid))
+        return message_record(rows[0]) if rows else None
 
     async def _list_messages(self, cid: str) -> list[Message] | None:
         async with self._engine.begin() as conn:
@@ -307,11 +335,6 @@ class Store:
                 return None
             rows = await conn.execute(sql.messages_of(cid))
             return [message_record(row) for row in rows.mappings()]
-
-    async def _get_message(self, mid: str) -> Message | None:
-        async with self._engine.begin() as conn:
-            row = (await conn.execute(sql.message(mid))).first()
-        return None if row is None else message_record(row._mapping)
 
     async def _begin_turn(self, turn: NewTurn) -> TurnStart | None:
         if turn.idempotency_key is not None:
@@ -383,12 +406,6 @@ class Store:
             existing=True,
         )
 
-    async def _checkpoint(self, mid: str, content: str, owner: str, lease_s: float) -> bool:
-        statement = sql.checkpoint(mid, content, owner, lease_s, CLOCK.now())
-        async with self._one_statement.begin() as conn:
-            result = await conn.execute(statement)
-        return result.rowcount > 0
-
     async def _renew_leases(self, owner: str, ids: list[str], lease_s: float) -> int:
         expires = CLOCK.now() + timedelta(seconds=lease_s)
         renewed = 0
@@ -398,19 +415,11 @@ class Store:
                 renewed += (await conn.execute(sql.renew_leases(owner, batch, expires))).rowcount
         return renewed
 
-    async def _sweep(self, sweeper: str) -> int:
-        async with self._one_statement.begin() as conn:
-            swept = (await conn.execute(sql.sweep(sweeper, CLOCK.now()))).rowcount
-        return swept
-
-    async def _forget_keys(self) -> None:
-        async with self._one_statement.begin() as conn:
-            await conn.execute(sql.forget_keys(CLOCK.now()))
-
-    async def _finish_reply(self, mid: str, values: dict[str, Any]) -> bool:
-        async with self._one_statement.begin() as conn:
-            result = await conn.execute(sql.finish_reply(mid, values, CLOCK.now()))
-        return result.rowcount > 0
+    async def _request_cancel(self, mid: str) -> Message | None:
+        async with self._writer.begin() as conn:
+            await conn.execute(sql.request_cancel(mid))
+            row = (await conn.execute(sql.message(mid))).first()
+        return None if row is None else message_record(row._mapping)
 
 
 def _has_tables(conn: Connection) -> bool:
