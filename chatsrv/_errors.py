@@ -8,7 +8,8 @@ or the provider ever sees a foreign exception type::
     ├── RequestError            a client's mistake: an HTTP 4xx with a JSON body, nothing written
     │   ├── InvalidRequest      400 malformed JSON, 422 a body that does not validate
     │   └── NotFound            404 unknown conversation, message or route
-    │   └── ExistingTurn        409 an Idempotency-Key names a turn already started
+    │   └── ExistingTurn        an Idempotency-Key names a turn already started: the route
+    │                           streams that turn instead (409 only if it ever escaped)
     ├── ServiceUnavailable      503 the server is draining and starts no new turn
     ├── StoreError              the database failed; a turn's persister gives up on it
     │   └── StoreUnavailable    transient (connection lost or refused, locked, timed out): retry
@@ -61,8 +62,9 @@ class NotFound(RequestError):
 
 
 class ExistingTurn(RequestError):
-    """The request's Idempotency-Key names a turn that already exists. While that turn runs this
-    is a 409; once it has finished the route replays it instead."""
+    """The request's Idempotency-Key names a turn that already exists. The route answers with
+    that turn's stream (attached while it runs, replayed once it has finished), so this never
+    reaches a client as an error."""
 
     code = "turn_in_progress"
     status = 409

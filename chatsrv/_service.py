@@ -20,6 +20,7 @@ import trio
 from ._settings import Settings
 from .engine import (
     Journal,
+    Peers,
     Persister,
     TurnEngine,
     keep_leases,
@@ -38,6 +39,7 @@ class Service:
     store: Store
     journal: Journal
     engine: TurnEngine
+    peers: Peers
     # Set when everything is closed: the engine drained, the provider and the store closed.
     closed: trio.Event = field(default_factory=trio.Event)
     _stop: trio.Event = field(default_factory=trio.Event)
@@ -67,7 +69,8 @@ async def run_service(
         ):
             persister = Persister(store, journal, settings, owner=instance_id)
             engine = TurnEngine(store, provider, persister, settings, owner=instance_id)
-            service = Service(settings, store, journal, engine)
+            peers = Peers(engine, store, settings)
+            service = Service(settings, store, journal, engine, peers)
             async with trio.open_nursery() as nursery:
                 await nursery.start(engine.serve)
                 every = settings.sweep_interval_s
@@ -85,6 +88,7 @@ async def run_service(
                 nursery.start_soon(
                     partial(keep_alive, engine.turns, heartbeat_s=settings.heartbeat_s)
                 )
+                nursery.start_soon(peers.serve)
                 task_status.started(service)
                 await service._stop.wait()
                 await engine.drained.wait()

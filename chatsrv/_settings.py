@@ -7,7 +7,7 @@ Every variable is ``CHATSRV_`` + the field name in upper case (``CHATSRV_TURN_DE
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -51,6 +51,10 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(default=15.0, gt=0)
     shutdown_grace_s: float = Field(default=5.0, ge=0)
     max_message_chars: int = Field(default=100_000, ge=1)
+    # When a reply's last client leaves: "cancel" stops it, "finish" lets it run to its end, a
+    # number of seconds waits that long for a client to resume it, then stops it. A request's
+    # "on_disconnect" overrides it.
+    on_disconnect: Literal["cancel", "finish"] | Annotated[float, Field(ge=0)] = "cancel"
 
     # Durability.
     checkpoint_interval_s: float = Field(default=1.0, gt=0)

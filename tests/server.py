@@ -70,6 +70,11 @@ class Stream:
     def errors(self) -> list[dict[str, Any]]:
         return [orjson.loads(e.data)["error"] for e in self.events if e.event == "error"]
 
+    @property
+    def ids(self) -> list[int]:
+        """The deltas' ids: the reply's length in characters after each."""
+        return [int(event.id) for event in self.deltas]
+
 
 @dataclass
 class ApiClient:
@@ -87,6 +92,37 @@ class ApiClient:
         assert response.status_code == 200, response.text
         messages: list[dict[str, Any]] = response.json()["messages"]
         return messages
+
+    async def message(self, message_id: str) -> dict[str, Any]:
+        response = await self.client.get(f"/v1/messages/{message_id}")
+        assert response.status_code == 200, response.text
+        message: dict[str, Any] = response.json()
+        return message
+
+    async def resume(
+        self,
+        message_id: str,
+        after: int | None = None,
+        *,
+        query: int | None = None,
+        into: Stream | None = None,
+    ) -> Stream:
+        """Read ``GET /v1/messages/{id}/events`` to its end, with ``Last-Event-ID: after`` (and
+        ``?last_event_id=query``) when given."""
+        headers = {} if after is None else {"Last-Event-ID": str(after)}
+        params = {} if query is None else {"last_event_id": str(query)}
+        stream = into if into is not None else Stream(0)
+        async with aconnect_sse(
+            self.client,
+            "GET",
+            f"/v1/messages/{message_id}/events",
+            headers=headers,
+            params=params,
+        ) as source:
+            stream.status_code = source.response.status_code
+            async for event in source.aiter_sse():
+                stream.events.append(event)
+        return stream
 
     async def stream(
         self,
@@ -177,6 +213,12 @@ class Chatsrv(ApiClient):
         """How many rows each table holds, counted in the database itself, over a connection of
         the test's own (not through the server): to prove that a request wrote nothing."""
         return await trio.to_thread.run_sync(count_rows, self.database_url)
+
+    async def wait_attached(self, message_id: str, relays: int) -> None:
+        """Wait until ``relays`` clients stream the turn writing ``message_id`` (bounded by the
+        caller; the requests' database calls run on another thread, hence the polling)."""
+        while (turn := self.service.engine.turn(message_id)) is None or turn.relays < relays:  # noqa: ASYNC110
+            await trio.sleep(0.01)
 
     async def wait_finished(self, message_id: str) -> None:
         """Wait until the turn writing ``message_id`` has made its final commit."""

@@ -7,12 +7,13 @@ Who owns what::
     start_turn() ── inbox channel ──────▶ spawner ── start_soon ──▶ turn task (_run)
                                             │ shielded, bounded: store.begin_turn()
                                             │   user row + assistant row 'streaming', one commit
-    ◀──────────── reply channel: turn ──────┤ (the requester gone? the turn stops at once)
+    ◀──────────── reply channel: turn ──────┤ (the requester gone? the disconnect policy decides)
                                             ├── generation scope  (CancelScope, deadline)
     SSE body = relay(turn)                  │     provider.generate(emit=deltas.send_nowait)
-      (one per client; waits on             │          │
-       turn changes, coalesces what         │          ▼  memory channel: the deltas, in order
-       is waiting, never touches            │
+      (one per client, from the start       │          │
+       or resumed from an offset; waits     │          ▼  memory channel: the deltas, in order
+       on turn changes, coalesces what      ├── _mind_clients: no client for the policy's grace
+       is waiting, never touches            │     ⇒ turn.stop()
        the database)                        └── persister     (CancelScope(shield=True))
             ▲                                      appends each delta to the turn ──────▶ relays
             │                                      every checkpoint interval: one UPDATE
@@ -36,7 +37,8 @@ database while deltas flow (checkpoints run beside the deltas, never in their wa
 Turns are spawned by a task of the service nursery, never by the request task: a turn must not run
 in the request's context (its cancellation, its context variables, the request object they keep
 alive). A client that leaves while its turn starts cannot cut the insert in half; its turn starts,
-finds nobody waiting, and ends at once as ``client_disconnected``.
+finds nobody waiting, and its disconnect policy applies: with "cancel" (grace 0) it ends at once
+as ``client_disconnected``.
 
 How each final status arises, in ``_generate``:
 
@@ -45,7 +47,10 @@ How each final status arises, in ``_generate``:
     any other exception (a bug)               → failed       stop_reason = internal_error
     generation scope: its deadline            → timed_out    stop_reason = deadline
     generation scope: turn.stop(reason)       → interrupted  stop_reason = reason
-        (client_disconnected when its last relay left; server_shutdown when draining)
+        client_disconnected: its last client left (policy "cancel")
+        resume_grace_expired: ... and none came back within the policy's grace
+        server_shutdown: the server is draining
+    generation scope: cancel()                → cancelled    stop_reason = user_cancelled
     the service nursery itself is cancelled   → interrupted  stop_reason = server_shutdown
 """
 
@@ -85,6 +90,9 @@ class TurnRequest:
     content: str
     model: str | None = None  # else the conversation's, else the configured default
     idempotency_key: str | None = None
+    # The disconnect policy: how long the turn goes on once its last client has left, waiting
+    # for one to resume it (0: "cancel", math.inf: "finish").
+    disconnect_grace_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -138,6 +146,18 @@ class TurnEngine:
     def turns(self) -> list[Turn]:
         """The turns running now."""
         return list(self._turns.values())
+
+    async def cancel(self, message_id: str) -> Turn | None:
+        """Stop the turn writing this assistant message, if it runs here, as ``cancelled``/
+        ``user_cancelled`` (unless it has already ended otherwise); return it once its reply
+        is saved (or journaled), or None if no such turn runs here."""
+        turn = self._turns.get(message_id)
+        if turn is None:
+            await trio.lowlevel.checkpoint()
+            return None
+        turn.stop(StopReason.USER_CANCELLED, Status.CANCELLED)
+        await turn.finished.wait()
+        return turn
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -214,8 +234,11 @@ class TurnEngine:
                 turn.stop(StopReason.SERVER_SHUTDOWN)
             try:
                 start.reply.send_nowait(turn)
-            except trio.BrokenResourceError:
-                turn.stop(StopReason.CLIENT_DISCONNECTED)  # the client left while it started
+                first_grace_s = max(_RELAY_ATTACH_S, turn.disconnect_grace_s)
+            except trio.BrokenResourceError:  # the client left while the turn started
+                first_grace_s = turn.disconnect_grace_s
+                if not first_grace_s:  # "cancel": before the generation has even begun
+                    turn.stop(StopReason.CLIENT_DISCONNECTED)
 
         prompt = Prompt(model=turn.model, messages=history)
         # Unbounded on purpose: the generation must never wait on persistence. The buffer holds
@@ -224,7 +247,7 @@ class TurnEngine:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._persister.run, turn, deltas_rx)
-                nursery.start_soon(self._expect_a_relay, turn)
+                nursery.start_soon(self._mind_clients, turn, first_grace_s)
                 with deltas_tx:
                     await self._generate(turn, prompt, deltas_tx)
                 # The generation is over; only the (shielded) persister is left to wait for.
@@ -259,17 +282,31 @@ class TurnEngine:
             message_id=begun.assistant_message["id"],
             model=begun.assistant_message["model"] or self._settings.model,
             deadline=trio.current_time() + self._settings.turn_deadline_s,
-            on_orphaned=self._orphaned,
+            started_at=begun.assistant_message["created_at"],
+            disconnect_grace_s=request.disconnect_grace_s,
         )
         return turn, begun.history
 
-    async def _expect_a_relay(self, turn: Turn) -> None:
-        """A turn no client starts reading (its response never began) has nobody to stream to."""
-        with trio.move_on_after(_RELAY_ATTACH_S):
-            await turn.relayed.wait()
-            return
-        log.info("turn %s: no client read its stream", turn.message_id)
-        turn.stop(StopReason.CLIENT_DISCONNECTED)
+    async def _mind_clients(self, turn: Turn, grace_s: float) -> None:
+        """The disconnect policy: stop the turn once it has had no client for ``grace_s`` (at
+        first: until its requester's stream begins), then for its own grace each time its last
+        client leaves. A client that resumes the stream meanwhile keeps it going."""
+        while True:
+            with trio.move_on_after(grace_s) as unattended:
+                await turn.wait_attended()
+            if unattended.cancelled_caught and not turn.relays:
+                break
+            await turn.wait_deserted()
+            grace_s = turn.disconnect_grace_s
+        if self._drain_requested.is_set():
+            # While draining, a connection that goes away was most likely closed by the
+            # server's own graceful timeout; either way the turn ends because of the shutdown.
+            reason = StopReason.SERVER_SHUTDOWN
+        elif turn.disconnect_grace_s:
+            reason = StopReason.RESUME_GRACE_EXPIRED
+        else:
+            reason = StopReason.CLIENT_DISCONNECTED
+        turn.stop(reason)
 
     def _maybe_idle(self) -> None:
         if not self._turns and not self._starting:
@@ -289,9 +326,10 @@ class TurnEngine:
             return
         except trio.Cancelled:
             # Not our scope: the service nursery is being cancelled, the server is going down.
-            turn.outcome = Outcome(
-                Status.INTERRUPTED, turn.stop_reason or StopReason.SERVER_SHUTDOWN
-            )
+            if turn.stop_reason is None:
+                turn.outcome = Outcome(Status.INTERRUPTED, StopReason.SERVER_SHUTDOWN)
+            else:
+                turn.outcome = Outcome(turn.stop_status, turn.stop_reason)
             raise
         except Exception:
             log.exception("turn %s: generation failed", turn.message_id)
@@ -305,12 +343,6 @@ class TurnEngine:
                 Status.COMPLETE, completion.finish_reason, usage=completion.usage
             )
         elif turn.stop_reason is not None:
-            turn.outcome = Outcome(Status.INTERRUPTED, turn.stop_reason)
+            turn.outcome = Outcome(turn.stop_status, turn.stop_reason)
         else:
             turn.outcome = Outcome(Status.TIMED_OUT, StopReason.DEADLINE)
-
-    def _orphaned(self, turn: Turn) -> None:
-        # While draining, a connection that goes away was most likely closed by the server's
-        # own graceful timeout; either way the turn ends because of the shutdown.
-        draining = self._drain_requested.is_set()
-        turn.stop(StopReason.SERVER_SHUTDOWN if draining else StopReason.CLIENT_DISCONNECTED)

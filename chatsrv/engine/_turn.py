@@ -2,13 +2,14 @@
 
 A :class:`Turn` is written by its turn task (the outcome, in the generation) and its persister
 (the reply, ``persisted``, ``finished``), pinged by the process's keep-alive task, and read by
-any number of relays. How the tasks around it are arranged is drawn in ``_engine.py``.
+any number of clients: the relays of this process's SSE streams, and a publisher to the
+processes that follow it (``_publisher.py``). How the tasks around it are arranged is drawn in
+``_engine.py``.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,11 +22,13 @@ class Status(enum.StrEnum):
     INTERRUPTED = "interrupted"
     TIMED_OUT = "timed_out"
     FAILED = "failed"
-    CANCELLED = "cancelled"  # reserved for an explicit stop by the client
+    CANCELLED = "cancelled"  # stopped by a client's cancel request
 
 
 class StopReason(enum.StrEnum):
-    CLIENT_DISCONNECTED = "client_disconnected"
+    CLIENT_DISCONNECTED = "client_disconnected"  # the last client left; the policy is "cancel"
+    RESUME_GRACE_EXPIRED = "resume_grace_expired"  # ... and nobody came back within its grace
+    USER_CANCELLED = "user_cancelled"  # POST /v1/messages/{id}/cancel
     SERVER_SHUTDOWN = "server_shutdown"
     SERVER_CRASH = "server_crash"  # set by the sweeper, for a process that died
     DEADLINE = "deadline"
@@ -55,12 +58,17 @@ class Turn:
         message_id: str,
         model: str,
         deadline: float,
-        on_orphaned: Callable[[Turn], None],
+        started_at: str,
+        disconnect_grace_s: float = 0.0,
     ) -> None:
         self.conversation_id = conversation_id
         self.user_message_id = user_message_id
         self.message_id = message_id
         self.model = model
+        self.started_at = started_at  # ISO 8601, as the assistant message's created_at
+        # How long the turn goes on once its last client has left, waiting for one to resume
+        # it: 0 stops it at once, math.inf lets it finish.
+        self.disconnect_grace_s = disconnect_grace_s
         # The reply as the persister received it: the deltas since the last fold, one str each,
         # after the text of all earlier ones as one str (see `content`).
         self._folded = ""
@@ -74,11 +82,12 @@ class Turn:
         self.finished = trio.Event()
         self.generation_scope = trio.CancelScope(deadline=deadline)
         self.stop_reason: str | None = None  # why stop() was called, if it was
+        self.stop_status = Status.INTERRUPTED  # and the status it asked for
         self._changed = trio.Event()
         self.changes = 0  # wake-ups of the relays: deltas appended, the finish, pings
-        self.relayed = trio.Event()  # set when the first relay attaches
-        self._relays = 0
-        self._on_orphaned = on_orphaned
+        self.relays = 0  # clients attached now (relays, and a publisher to other processes)
+        self._attended = trio.Event()  # set while a relay is attached
+        self._deserted = trio.Event()  # set once the last relay has left, until one attaches
 
     @property
     def content(self) -> str:
@@ -91,10 +100,11 @@ class Turn:
             self._recent = []
         return self._folded
 
-    def stop(self, reason: str) -> None:
-        """End the generation early; the reply so far is kept as ``interrupted``/``reason``."""
+    def stop(self, reason: str, status: Status = Status.INTERRUPTED) -> None:
+        """End the generation early; the reply so far is kept as ``status``/``reason``. Only
+        the first call counts, and none once the generation has ended."""
         if self.stop_reason is None and not self.generation_scope.cancel_called:
-            self.stop_reason = reason
+            self.stop_reason, self.stop_status = reason, status
         self.generation_scope.cancel(reason=reason)
 
     # -- the persister's side --------------------------------------------------------------
@@ -133,11 +143,22 @@ class Turn:
         await self._changed.wait()
 
     def attach(self) -> None:
-        self._relays += 1
-        self.relayed.set()
+        self.relays += 1
+        if self.relays == 1:
+            self._attended.set()
+            self._deserted = trio.Event()
 
     def detach(self) -> None:
-        """A relay is gone. When the last one leaves an unfinished turn, nobody is listening."""
-        self._relays -= 1
-        if self._relays == 0 and not self.finished.is_set():
-            self._on_orphaned(self)
+        """A relay is gone; the engine applies the disconnect policy when it was the last."""
+        self.relays -= 1
+        if self.relays == 0:
+            self._deserted.set()
+            self._attended = trio.Event()
+
+    async def wait_attended(self) -> None:
+        """Wait until a relay is attached."""
+        await self._attended.wait()
+
+    async def wait_deserted(self) -> None:
+        """Wait until the last attached relay has left."""
+        await self._deserted.wait()

@@ -5,11 +5,19 @@ and opens no cancel scope: it waits for news from its turn, nothing else, and ``
 task for the process) wakes it when a ping is due. It only reads what the turn's persister
 already holds, so a client can never receive a character the database will not get.
 
+The same events serve a resumed stream (``GET /v1/messages/{id}/events``): ``relay(turn,
+after=N)`` for a turn of this process, ``followed`` for a reply another process writes (what
+the engine's ``Follower`` receives from its owner, or reads from its row), ``replayed`` for a
+finished one. A resumed stream has no ``start`` event; its first delta carries the characters
+after N.
+
 Events, in order (the HTTP contract, v1)::
 
     event: start   data: {"message_id", "user_message_id", "conversation_id"}
     id: N          event: delta   data: {"content": "..."}   N = characters of the reply so far
-    event: error   data: {"error": {"code", "message"}}       only when the turn failed
+    event: error   data: {"error": {"code", "message"}}       when the turn failed (or, on a
+                   resumed stream, ``reply_truncated``: its process died after sending more
+                   than it had saved)
     event: done    data: {"message_id", "status", "stop_reason", "usage"?}
     : ping         a comment, so that no stream stays silent longer than the heartbeat
                    (proxies close idle connections)
@@ -19,18 +27,20 @@ waits in order to batch. A slow reader therefore gets fewer, larger events, and 
 beyond the reply itself.
 
 When the client goes away the generator is cancelled (or closed) wherever it is suspended; its
-``finally`` detaches from the turn, synchronously, and the last relay to leave stops the turn.
+``finally`` detaches from the turn, synchronously; when the last relay has left, the engine
+applies the turn's disconnect policy.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
+from contextlib import aclosing
 from typing import Any
 
 import orjson
 import trio
 
-from chatsrv.engine import Turn
+from chatsrv.engine import Piece, Turn
 
 PING = b": ping\n\n"
 
@@ -89,13 +99,19 @@ def closing_events(turn: Turn) -> bytes:
     return events + done
 
 
-def replayed(user_message: Mapping[str, Any], message: Mapping[str, Any]) -> bytes:
-    """The events of a finished turn, rebuilt from its stored messages: what an idempotent retry
-    receives. The reply comes as one delta."""
-    events = _start(message["id"], user_message["id"], message["conversation_id"])
+def _stored_start(message: Mapping[str, Any]) -> bytes:
+    return _start(message["id"], message["parent_id"], message["conversation_id"])
+
+
+def _stored_end(message: Mapping[str, Any], *, after: int) -> bytes:
+    """A stored final reply's characters after ``after``, then its ``error`` and ``done``."""
     content = message["content"]
-    if content:
-        events += delta_event(content, len(content))
+    events = delta_event(content[after:], len(content)) if len(content) > after else b""
+    if len(content) < after:  # its process died after sending more than it had saved
+        events += _error(
+            "reply_truncated",
+            f"the stored reply has {len(content)} characters; what came after was lost",
+        )
     if message["status"] == "failed":
         events += _error(message["stop_reason"], message["error"] or "")
     return events + _done(
@@ -103,12 +119,53 @@ def replayed(user_message: Mapping[str, Any], message: Mapping[str, Any]) -> byt
     )
 
 
-async def relay(turn: Turn) -> AsyncGenerator[bytes, None]:
-    """Stream ``turn`` to one client, from its first character to its ``done`` event."""
+def replayed(message: Mapping[str, Any], *, after: int | None = None) -> bytes:
+    """The events of a finished reply, rebuilt from its stored row: from its ``start`` event
+    (``after=None``; the reply comes as one delta), or from character ``after`` on."""
+    head = _stored_start(message) if after is None else b""
+    return head + _stored_end(message, after=after or 0)
+
+
+async def followed(
+    message: Mapping[str, Any],
+    updates: AsyncGenerator[Piece | Mapping[str, Any] | None, None],
+    *,
+    after: int | None = None,
+) -> AsyncGenerator[bytes, None]:
+    """Stream a reply that another process writes, from what its follower's ``updates`` yield
+    (``Follower.updates``): from its ``start`` event (``after=None``) or from character
+    ``after`` on."""
+    if after is None:
+        yield _stored_start(message)
+    sent = after or 0
+    # Closed with this generator, wherever the client leaves it: not left to the collector.
+    async with aclosing(updates):
+        async for update in updates:
+            if update is None:
+                yield PING
+            elif isinstance(update, Piece):
+                yield delta_event(update.text, update.end)
+                sent = update.end
+            else:
+                yield _stored_end(update, after=sent)
+                return
+    # The row is gone: its conversation was deleted while the reply streamed.
+    yield _error("not_found", "the message was deleted")
+
+
+async def relay(turn: Turn, *, after: int | None = None) -> AsyncGenerator[bytes, None]:
+    """Stream ``turn`` to one client, from its ``start`` event (``after=None``) or from
+    character ``after`` on (a resumed stream: ``after`` is at most ``turn.length``), to its
+    ``done`` event."""
     turn.attach()
     try:
-        yield start_event(turn)
-        sent_deltas = sent_length = 0
+        if after is None:
+            yield start_event(turn)
+            sent_deltas = sent_length = 0
+        else:
+            sent_deltas, sent_length = turn.deltas, turn.length
+            if sent_length > after:
+                yield delta_event(turn.content[after:], sent_length)
         while True:
             if turn.deltas > sent_deltas:
                 text = turn.since(sent_deltas, sent_length)

@@ -1,12 +1,19 @@
 """The HTTP API, v1. Routes parse and validate, call the store or the engine, shape the response.
 
 A request that fails validation is answered before anything is written.
+
+A reply's stream can be left and taken up again: ``GET /v1/messages/{id}/events`` resumes it
+after the character offset of ``Last-Event-ID`` (the ids of the delta events) on whichever
+process the request lands, an Idempotency-Key retry of the POST attaches to its turn the same
+way, ``POST /v1/messages/{id}/cancel`` stops it wherever it runs, and ``GET /v1/turns`` lists the
+replies streaming now.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
-from typing import Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import orjson
 import trio
@@ -15,10 +22,10 @@ from quart import Blueprint, Response, current_app, request
 
 from chatsrv._errors import ExistingTurn, InvalidRequest, NotFound, StoreError
 from chatsrv._settings import Settings
-from chatsrv.engine import Journal, TurnEngine, TurnRequest
-from chatsrv.store import Store
+from chatsrv.engine import Journal, Peers, TurnEngine, TurnRequest
+from chatsrv.store import Message, Store
 
-from ._relay import relay, replayed
+from ._relay import followed, relay, replayed
 
 api = Blueprint("api", __name__)
 
@@ -52,9 +59,17 @@ class NewConversation(_Body):
     system: str | None = None
 
 
+class Grace(_Body):
+    # Up to a day: a reply nobody comes back for should not run on for longer.
+    grace_s: float = Field(gt=0, le=86400)
+
+
 class NewMessage(_Body):
     content: str
     model: str | None = Field(None, min_length=1, max_length=200)
+    # What happens when the last client leaves: "cancel" stops the generation, "finish" lets
+    # it run to its end, {"grace_s": N} waits N seconds for a client to resume, then stops.
+    on_disconnect: Literal["cancel", "finish"] | Grace | None = None
 
     @field_validator("content")
     @classmethod
@@ -106,6 +121,9 @@ class Backend(Protocol):
 
     @property
     def engine(self) -> TurnEngine: ...
+
+    @property
+    def peers(self) -> Peers: ...
 
 
 def _service() -> Backend:
@@ -193,20 +211,114 @@ async def post_message(conversation_id: str) -> Response:
     if len(body.content) > service.settings.max_message_chars:
         raise InvalidRequest(f"content: at most {service.settings.max_message_chars} characters")
     key = _idempotency_key()
+    after = _last_event_id()  # for a retry that attaches to its turn
+    policy = body.on_disconnect or service.settings.on_disconnect
+    turn_request = TurnRequest(
+        conversation_id,
+        body.content,
+        body.model,
+        idempotency_key=key,
+        disconnect_grace_s=_grace_s(policy),
+    )
     try:
-        turn = await service.engine.start_turn(
-            TurnRequest(conversation_id, body.content, body.model, idempotency_key=key)
-        )
+        turn = await service.engine.start_turn(turn_request)
     except ExistingTurn as existing:
         if existing.user_message["content"] != body.content:
             raise InvalidRequest(
                 "Idempotency-Key: already used for a different message in this conversation",
                 code="idempotency_key_reused",
             ) from None
-        if existing.assistant_message["status"] == "streaming":
-            raise
-        return _event_stream(replayed(existing.user_message, existing.assistant_message))
+        return await _stream_of(existing.assistant_message["id"], after)
     return _event_stream(relay(turn))
+
+
+def _grace_s(policy: Literal["cancel", "finish"] | Grace | float) -> float:
+    if policy == "cancel":
+        return 0.0
+    if policy == "finish":
+        return math.inf
+    return policy.grace_s if isinstance(policy, Grace) else float(policy)
+
+
+@api.get("/v1/messages/<message_id>/events")
+async def message_events(message_id: str) -> Response:
+    return await _stream_of(message_id, _last_event_id())
+
+
+async def _stream_of(message_id: str, after: int | None) -> Response:
+    """The SSE stream of an assistant message: from its ``start`` event (``after=None``) or
+    after character ``after``; live from the turn if it runs here, followed through the
+    database if another process runs it, replayed from its row if it has ended."""
+    service = _service()
+    turn = service.engine.turn(message_id)
+    if turn is not None:
+        _check_offset(after, turn.length)
+        return _event_stream(relay(turn, after=after))
+    message = await _assistant_message(message_id)
+    if message["status"] == "streaming":  # another process writes it
+        follower = service.peers.follower(message_id, after=after or 0)
+        try:
+            await follower.start()
+            # Its owner may hold more than it saved: only the owner's own length can refuse
+            # an offset (without an answer, an offset past the saved reply is waited for).
+            if follower.length is not None:
+                _check_offset(after, follower.length)
+        except BaseException:
+            follower.close()
+            raise
+        return _event_stream(followed(message, follower.updates(), after=after))
+    _check_offset(after, len(message["content"]))
+    return _event_stream(replayed(message, after=after))
+
+
+async def _assistant_message(message_id: str) -> Message:
+    message = await _service().store.get_message(message_id)
+    if message is None or message["role"] != "assistant":
+        raise NotFound("message not found")
+    return message
+
+
+def _last_event_id() -> int | None:
+    """The character offset a resumed stream starts after: the ``Last-Event-ID`` header (what
+    a browser's EventSource sends when it reconnects), else ``?last_event_id=``."""
+    raw = request.headers.get("Last-Event-ID")
+    if raw is None:
+        raw = request.args.get("last_event_id")
+    if raw is None or not raw.strip():  # an empty id is no id (the SSE specification)
+        return None
+    raw = raw.strip()
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 15):
+        raise InvalidRequest(
+            "Last-Event-ID: must be the id of a delta event, a character offset",
+            code="invalid_last_event_id",
+            status=400,
+        )
+    return int(raw)
+
+
+def _check_offset(after: int | None, length: int) -> None:
+    if after is not None and after > length:
+        raise InvalidRequest(
+            f"Last-Event-ID: the reply has only {length} characters",
+            code="offset_out_of_range",
+            status=400,
+        )
+
+
+@api.post("/v1/messages/<message_id>/cancel")
+async def cancel_message(message_id: str) -> Response:
+    """Stop a reply wherever it streams; answer with the message once it is final. A reply that
+    has ended already is answered as it is, unchanged."""
+    message = await _service().peers.cancel(message_id)
+    if message is None or message["role"] != "assistant":
+        raise NotFound("message not found")
+    return _json(message)
+
+
+@api.get("/v1/turns")
+async def list_turns() -> Response:
+    """The replies streaming now, on every process, oldest first."""
+    return _json({"turns": await _service().peers.running_replies()})
 
 
 def _idempotency_key() -> str | None:

@@ -58,7 +58,7 @@ async def test_checkpoints_count_from_the_first_delta(
         message_id="m",
         model="x",
         deadline=trio.current_time() + 600,
-        on_orphaned=lambda _: None,
+        started_at="2026-01-01T00:00:00.000000+00:00",
     )
     deltas_tx, deltas_rx = trio.open_memory_channel[str](math.inf)
     with trio.fail_after(60):  # virtual time: a hang fails at once

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+from typing import Any
 
 import trio
 import trio.testing
@@ -12,14 +13,14 @@ from chatsrv.engine import Outcome, Status, Turn
 from chatsrv.http import PING, keep_alive, relay
 
 
-def make_turn(orphaned: list[Turn] | None = None) -> Turn:
+def make_turn() -> Turn:
     return Turn(
         conversation_id="c",
         user_message_id="u",
         message_id="m",
         model="x",
         deadline=trio.current_time() + 600,
-        on_orphaned=(orphaned if orphaned is not None else []).append,
+        started_at="2026-01-01T00:00:00.000000+00:00",
     )
 
 
@@ -122,26 +123,37 @@ async def test_keep_alive_pings_only_quiet_streams(autojump_clock: trio.testing.
         assert received[turn][-1][1].startswith(b"event: done\n")
 
 
-async def test_last_relay_leaving_orphans_the_turn() -> None:
-    orphaned: list[Turn] = []
-    turn = make_turn(orphaned)
+async def test_only_the_last_relay_leaving_deserts_the_turn(autojump_clock: Any) -> None:
+    turn = make_turn()
     first, second = relay(turn), relay(turn)
     await first.__anext__()
     await second.__anext__()
-    await first.aclose()
-    assert orphaned == []
-    await second.aclose()
-    assert orphaned == [turn]
+    assert turn.relays == 2
+    with trio.fail_after(60):  # virtual time
+        await turn.wait_attended()
+        await first.aclose()
+        with trio.move_on_after(10) as still_attended:
+            await turn.wait_deserted()
+        assert still_attended.cancelled_caught and turn.relays == 1
+        await second.aclose()
+        await turn.wait_deserted()
+    assert turn.relays == 0
 
 
-async def test_relay_leaving_a_finished_turn_orphans_nothing() -> None:
-    orphaned: list[Turn] = []
-    turn = make_turn(orphaned)
-    events = relay(turn)
+async def test_a_resumed_relay_starts_after_its_offset_then_goes_on_live() -> None:
+    turn = make_turn()
+    turn.extend(["ab", "cdé"])
+    turn.content  # noqa: B018  (a fold, as a checkpoint makes: the offset crosses it)
+    turn.extend(["f"])
+    events = relay(turn, after=3)
+    assert await events.__anext__() == b'id: 6\nevent: delta\ndata: {"content":"d\xc3\xa9f"}\n\n'
+    turn.extend(["gh"])
+    assert await events.__anext__() == b'id: 8\nevent: delta\ndata: {"content":"gh"}\n\n'
     finish(turn)
-    chunks = [chunk async for chunk in events]
-    assert chunks[-1].startswith(b"event: done\n")
-    assert orphaned == []
+    assert (await events.__anext__()).startswith(b"event: done\n")
+    await events.aclose()
+    at_the_end = [chunk async for chunk in relay(turn, after=8)]
+    assert len(at_the_end) == 1 and at_the_end[0].startswith(b"event: done\n")
 
 
 async def test_failed_turn_sends_error_then_done() -> None:

@@ -1,0 +1,218 @@
+"""Control over a running reply, against a real server on both stores: cancel (here and from
+another server), the disconnect policies, and the list of running turns.
+
+Rules: every stream is read with a real HTTP client and SSE parser; exact points come from the
+gated fake upstream (tokens go out as the test releases them); every test has a time limit.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from httpx_sse import aconnect_sse
+
+from tests.server import Chatsrv, StartChatsrv, Stream
+
+TOKENS = [f"w{i} " for i in range(12)]
+TEXT = "".join(TOKENS)
+
+
+async def post(chatsrv: Chatsrv, path: str) -> httpx.Response:
+    return await chatsrv.client.post(path)
+
+
+# --- cancel ------------------------------------------------------------------------------------
+
+
+async def test_cancel_stops_the_reply_and_keeps_the_servers_copy(
+    chatsrv: Chatsrv, upstream: Any
+) -> None:
+    upstream.script.tokens = TOKENS
+    upstream.script.gated = True
+    conversation_id = await chatsrv.new_conversation()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            upstream.release(5)
+            first = await chatsrv.stream_until(nursery, conversation_id, lambda s: len(s.text) > 0)
+            await upstream.wait_tokens_sent(5)
+            response = await post(chatsrv, f"/v1/messages/{first.message_id}/cancel")
+    assert response.status_code == 200
+    message = response.json()
+    assert (message["status"], message["stop_reason"]) == ("cancelled", "user_cancelled")
+    # The server's full copy: every token the upstream sent before the cancel.
+    assert message["content"] == "".join(TOKENS[:5])
+    assert first.text == message["content"]
+    assert first.done is not None
+    assert (first.done["status"], first.done["stop_reason"]) == ("cancelled", "user_cancelled")
+    again = await post(chatsrv, f"/v1/messages/{first.message_id}/cancel")
+    assert again.status_code == 200 and again.json() == message
+
+
+async def test_cancel_of_a_finished_reply_changes_nothing(chatsrv: Chatsrv, upstream: Any) -> None:
+    conversation_id = await chatsrv.new_conversation()
+    with trio.fail_after(20):
+        first = await chatsrv.stream(conversation_id)
+        before = await chatsrv.message(first.message_id)
+        response = await post(chatsrv, f"/v1/messages/{first.message_id}/cancel")
+    assert response.status_code == 200
+    assert response.json() == before
+    assert before["status"] == "complete"
+
+
+async def test_cancel_of_no_reply_is_a_404(chatsrv: Chatsrv, upstream: Any) -> None:
+    conversation_id = await chatsrv.new_conversation()
+    with trio.fail_after(20):
+        first = await chatsrv.stream(conversation_id)
+        user = await post(chatsrv, f"/v1/messages/{first.start['user_message_id']}/cancel")
+        missing = await post(chatsrv, "/v1/messages/00000000-0000-4000-8000-000000000000/cancel")
+        not_an_id = await post(chatsrv, "/v1/messages/nope/cancel")
+    for response in (user, missing, not_an_id):
+        assert response.status_code == 404
+        assert response.json()["error"]["code"] == "not_found"
+
+
+async def test_cancel_from_another_server(start_chatsrv: StartChatsrv, upstream: Any) -> None:
+    owner = await start_chatsrv(checkpoint_interval_s=0.05)
+    other = await start_chatsrv(checkpoint_interval_s=0.05)
+    upstream.script.tokens = TOKENS
+    upstream.script.gated = True
+    conversation_id = await owner.new_conversation()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            upstream.release(4)
+            first = await owner.stream_until(nursery, conversation_id, lambda s: len(s.text) > 0)
+            await upstream.wait_tokens_sent(4)
+            response = await post(other, f"/v1/messages/{first.message_id}/cancel")
+    assert response.status_code == 200
+    message = response.json()
+    assert (message["status"], message["stop_reason"]) == ("cancelled", "user_cancelled")
+    assert message["content"] == "".join(TOKENS[:4]) == first.text
+    assert first.done is not None and first.done["status"] == "cancelled"
+
+
+# --- disconnect policies -----------------------------------------------------------------------
+
+
+async def leave_after_first_delta(
+    chatsrv: Chatsrv, conversation_id: str, on_disconnect: Any
+) -> Stream:
+    stream = Stream(0)
+    async with aconnect_sse(
+        chatsrv.client,
+        "POST",
+        f"/v1/conversations/{conversation_id}/messages",
+        json={"content": "hi", "on_disconnect": on_disconnect},
+    ) as source:
+        stream.status_code = source.response.status_code
+        try:
+            async for event in source.aiter_sse():
+                stream.events.append(event)
+                if event.event == "delta":
+                    await source.response.aclose()
+        except (httpx.StreamClosed, httpx.ReadError):
+            pass
+    assert stream.deltas, stream.events
+    return stream
+
+
+async def test_finish_generates_to_the_end_without_a_client(
+    chatsrv: Chatsrv, upstream: Any
+) -> None:
+    upstream.script.tokens = TOKENS
+    upstream.script.gated = True
+    conversation_id = await chatsrv.new_conversation()
+    with trio.fail_after(20):
+        upstream.release(1)
+        gone = await leave_after_first_delta(chatsrv, conversation_id, "finish")
+        turn = chatsrv.service.engine.turn(gone.message_id)
+        assert turn is not None
+        await turn.wait_deserted()  # the server has seen its only client leave
+        upstream.release(len(TOKENS))
+        await chatsrv.wait_finished(gone.message_id)
+    message = await chatsrv.message(gone.message_id)
+    assert (message["status"], message["stop_reason"], message["content"]) == (
+        "complete",
+        "stop",
+        TEXT,
+    )
+
+
+async def test_a_grace_keeps_the_turn_for_a_client_that_comes_back(
+    chatsrv: Chatsrv, upstream: Any
+) -> None:
+    upstream.script.tokens = TOKENS
+    upstream.script.gated = True
+    conversation_id = await chatsrv.new_conversation()
+    with trio.fail_after(20):
+        upstream.release(1)
+        gone = await leave_after_first_delta(chatsrv, conversation_id, {"grace_s": 30})
+        back = Stream(0)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(chatsrv.resume, gone.message_id, len(gone.text), into=back))
+            upstream.release(len(TOKENS))
+    assert gone.text + back.text == TEXT
+    assert back.done is not None and back.done["status"] == "complete"
+
+
+async def test_a_grace_that_expires_stops_the_turn(chatsrv: Chatsrv, upstream: Any) -> None:
+    upstream.script.tokens = TOKENS
+    upstream.script.gated = True
+    conversation_id = await chatsrv.new_conversation()
+    with trio.fail_after(20):
+        upstream.release(2)
+        gone = await leave_after_first_delta(chatsrv, conversation_id, {"grace_s": 0.5})
+        turn = chatsrv.service.engine.turn(gone.message_id)
+        assert turn is not None
+        await turn.wait_deserted()
+        left_at = trio.current_time()
+        await chatsrv.wait_finished(gone.message_id)
+        # Not at once, as "cancel" would: only once the grace has passed.
+        assert trio.current_time() - left_at >= 0.4
+    message = await chatsrv.message(gone.message_id)
+    assert (message["status"], message["stop_reason"]) == ("interrupted", "resume_grace_expired")
+    assert message["content"].startswith(gone.text)
+
+
+@pytest.mark.parametrize(
+    "policy", ["later", {"grace_s": 0}, {"grace_s": -1}, {"grace_s": "5"}, {"seconds": 5}, 5]
+)
+async def test_a_bad_disconnect_policy_is_a_422_that_writes_nothing(
+    chatsrv: Chatsrv, upstream: Any, policy: Any
+) -> None:
+    conversation_id = await chatsrv.new_conversation()
+    response = await chatsrv.client.post(
+        f"/v1/conversations/{conversation_id}/messages",
+        json={"content": "hi", "on_disconnect": policy},
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["code"] == "invalid_request"
+    assert await chatsrv.messages(conversation_id) == []
+
+
+# --- the running turns ---------------------------------------------------------------------
+
+
+async def test_running_turns_are_listed_with_their_offsets(chatsrv: Chatsrv, upstream: Any) -> None:
+    upstream.script.tokens = TOKENS
+    upstream.script.gated = True
+    conversation_id = await chatsrv.new_conversation()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            upstream.release(3)
+            first = await chatsrv.stream_until(
+                nursery, conversation_id, lambda s: s.text == "".join(TOKENS[:3])
+            )
+            listed = (await chatsrv.client.get("/v1/turns")).json()
+            upstream.release(len(TOKENS))
+        after = (await chatsrv.client.get("/v1/turns")).json()
+    (turn,) = listed["turns"]
+    assert turn["message_id"] == first.message_id
+    assert turn["conversation_id"] == conversation_id
+    assert turn["offset"] == len("".join(TOKENS[:3]))
+    assert turn["owner"] == chatsrv.service.engine.owner
+    assert turn["started_at"] == (await chatsrv.message(first.message_id))["created_at"]
+    assert after == {"turns": []}
