@@ -8,6 +8,7 @@ or the provider ever sees a foreign exception type::
     ├── RequestError            a client's mistake: an HTTP 4xx with a JSON body, nothing written
     │   ├── InvalidRequest      400 malformed JSON, 422 a body that does not validate
     │   └── NotFound            404 unknown conversation, message or route
+    │   ├── NotContinuable      409 a reply that cannot be continued (it is complete or streams)
     │   └── ExistingTurn        an Idempotency-Key names a turn already started: the route
     │                           streams that turn instead (409 only if it ever escaped)
     ├── ServiceUnavailable      503 the server is draining and starts no new turn
@@ -59,6 +60,18 @@ class InvalidRequest(RequestError):
 class NotFound(RequestError):
     code = "not_found"
     status = 404
+
+
+class NotContinuable(RequestError):
+    """``POST /v1/messages/{id}/continue`` on a reply that did not end early: it is complete, or
+    it streams now. The message is as it is."""
+
+    code = "not_continuable"
+    status = 409
+
+    def __init__(self, reply: Mapping[str, Any]) -> None:
+        super().__init__(f"a {reply['status']} reply cannot be continued")
+        self.reply = reply
 
 
 class ExistingTurn(RequestError):

@@ -51,6 +51,10 @@ How each final status arises, in ``_generate``:
         resume_grace_expired: ... and none came back within the policy's grace
         server_shutdown: the server is draining
     generation scope: cancel()                → cancelled    stop_reason = user_cancelled
+
+A continued reply (``TurnRequest.continuation``) is a turn like any other that starts from its
+message's content instead of an empty one: the row goes back to 'streaming', the Turn holds the
+old content as its first delta, and the prompt ends with it and ``CONTINUE_INSTRUCTION``.
     the service nursery itself is cancelled   → interrupted  stop_reason = server_shutdown
 """
 
@@ -65,13 +69,14 @@ import trio
 
 from chatsrv._errors import (
     ExistingTurn,
+    NotContinuable,
     NotFound,
     ServiceUnavailable,
     StoreUnavailable,
     UpstreamError,
 )
 from chatsrv._settings import Settings
-from chatsrv.store import Store
+from chatsrv.store import Store, TurnStart
 from chatsrv.upstream import Prompt, Provider
 
 from ._persister import Persister
@@ -93,6 +98,20 @@ class TurnRequest:
     # The disconnect policy: how long the turn goes on once its last client has left, waiting
     # for one to resume it (0: "cancel", math.inf: "finish").
     disconnect_grace_s: float = 0.0
+    # Continue this assistant message (it ended early) instead of answering ``content``.
+    continues: str | None = None
+
+    @classmethod
+    def continuation(cls, message_id: str, *, disconnect_grace_s: float) -> TurnRequest:
+        """Continue the assistant message ``message_id``, which ended early; its conversation,
+        model and prompt come from the store."""
+        return cls("", "", continues=message_id, disconnect_grace_s=disconnect_grace_s)
+
+
+# A continued reply's prompt ends with what it held, as the assistant's, and then this.
+CONTINUE_INSTRUCTION = (
+    "Continue your previous message from exactly where it stopped, without repeating any of it."
+)
 
 
 @dataclass(frozen=True)
@@ -240,6 +259,12 @@ class TurnEngine:
                 if not first_grace_s:  # "cancel": before the generation has even begun
                     turn.stop(StopReason.CLIENT_DISCONNECTED)
 
+        if turn.prefix_length:
+            history = [
+                *history,
+                {"role": "assistant", "content": turn.content},
+                {"role": "user", "content": CONTINUE_INSTRUCTION},
+            ]
         prompt = Prompt(model=turn.model, messages=history)
         # Unbounded on purpose: the generation must never wait on persistence. The buffer holds
         # at most the reply itself, which the persister keeps anyway.
@@ -261,29 +286,37 @@ class TurnEngine:
         # Shielded so that a shutdown arriving mid-insert cannot leave behind a 'streaming' row
         # that no turn owns; bounded because a shield without a deadline could hang shutdown.
         with trio.move_on_after(self._settings.db_timeout_s, shield=True) as starting:
-            begun = await self._store.begin_turn(
-                request.conversation_id,
-                content=request.content,
-                model=request.model,
-                default_model=self._settings.model,
-                owner=self.owner,
-                lease_s=self._settings.lease_s,
-                idempotency_key=request.idempotency_key,
-            )
+            if request.continues is not None:
+                begun = await self._store.begin_continuation(
+                    request.continues, owner=self.owner, lease_s=self._settings.lease_s
+                )
+            else:
+                begun = await self._store.begin_turn(
+                    request.conversation_id,
+                    content=request.content,
+                    model=request.model,
+                    default_model=self._settings.model,
+                    owner=self.owner,
+                    lease_s=self._settings.lease_s,
+                    idempotency_key=request.idempotency_key,
+                )
         if starting.cancelled_caught:
             raise StoreUnavailable("the database did not start the turn in time")
         if begun is None:
-            raise NotFound("conversation not found")
+            raise NotFound("message not found" if request.continues else "conversation not found")
+        if not isinstance(begun, TurnStart):
+            raise NotContinuable(begun)
         if begun.existing:
             raise ExistingTurn(begun.user_message, begun.assistant_message)
         turn = Turn(
-            conversation_id=request.conversation_id,
+            conversation_id=begun.assistant_message["conversation_id"],
             user_message_id=begun.user_message["id"],
             message_id=begun.assistant_message["id"],
             model=begun.assistant_message["model"] or self._settings.model,
             deadline=trio.current_time() + self._settings.turn_deadline_s,
             started_at=begun.assistant_message["created_at"],
             disconnect_grace_s=request.disconnect_grace_s,
+            prefix=begun.assistant_message["content"],
         )
         return turn, begun.history
 

@@ -110,9 +110,10 @@ class Persister:
     async def _checkpoints(self, turn: Turn) -> None:
         # The interval counts from the first delta: a turn pays no checkpoint for the time its
         # upstream takes to answer, and n intervals of deltas cost at most n - 1 checkpoints.
-        while not turn.deltas:
+        # (A continued reply's row already holds what it started with.)
+        saved = turn.prefix_length
+        while turn.length == saved:
             await turn.wait_changed()  # also woken by pings
-        saved = 0
         while True:
             await trio.sleep(self._settings.checkpoint_interval_s)
             if turn.length == saved:

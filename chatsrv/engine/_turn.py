@@ -60,6 +60,7 @@ class Turn:
         deadline: float,
         started_at: str,
         disconnect_grace_s: float = 0.0,
+        prefix: str = "",
     ) -> None:
         self.conversation_id = conversation_id
         self.user_message_id = user_message_id
@@ -70,12 +71,14 @@ class Turn:
         # it: 0 stops it at once, math.inf lets it finish.
         self.disconnect_grace_s = disconnect_grace_s
         # The reply as the persister received it: the deltas since the last fold, one str each,
-        # after the text of all earlier ones as one str (see `content`).
-        self._folded = ""
-        self._folded_deltas = 0
+        # after the text of all earlier ones as one str (see `content`). A continued reply
+        # starts with what it held before, as if it were its first delta.
+        self.prefix_length = len(prefix)
+        self._folded = prefix
+        self._folded_deltas = 1 if prefix else 0
         self._recent: list[str] = []
-        self.deltas = 0  # received so far
-        self.length = 0  # characters so far
+        self.deltas = self._folded_deltas  # received so far
+        self.length = len(prefix)  # characters so far
         self.outcome: Outcome | None = None
         # True once the final record is durable: committed, or journaled on local disk.
         self.persisted = False

@@ -153,14 +153,18 @@ async def followed(
     yield _error("not_found", "the message was deleted")
 
 
-async def relay(turn: Turn, *, after: int | None = None) -> AsyncGenerator[bytes, None]:
+async def relay(
+    turn: Turn, *, after: int | None = None, announce: bool = False
+) -> AsyncGenerator[bytes, None]:
     """Stream ``turn`` to one client, from its ``start`` event (``after=None``) or from
-    character ``after`` on (a resumed stream: ``after`` is at most ``turn.length``), to its
-    ``done`` event."""
+    character ``after`` on (a resumed stream: ``after`` is at most ``turn.length``; with
+    ``announce``, after a ``start`` event all the same: a continued reply), to its ``done``
+    event."""
     turn.attach()
     try:
-        if after is None:
+        if after is None or announce:
             yield start_event(turn)
+        if after is None:
             sent_deltas = sent_length = 0
         else:
             sent_deltas, sent_length = turn.deltas, turn.length

@@ -5,7 +5,8 @@ A request that fails validation is answered before anything is written.
 A reply's stream can be left and taken up again: ``GET /v1/messages/{id}/events`` resumes it
 after the character offset of ``Last-Event-ID`` (the ids of the delta events) on whichever
 process the request lands, an Idempotency-Key retry of the POST attaches to its turn the same
-way, ``POST /v1/messages/{id}/cancel`` stops it wherever it runs, and ``GET /v1/turns`` lists the
+way, ``POST /v1/messages/{id}/cancel`` stops it wherever it runs, ``POST
+/v1/messages/{id}/continue`` makes one that ended early go on, and ``GET /v1/turns`` lists the
 replies streaming now.
 """
 
@@ -62,6 +63,10 @@ class NewConversation(_Body):
 class Grace(_Body):
     # Up to a day: a reply nobody comes back for should not run on for longer.
     grace_s: float = Field(gt=0, le=86400)
+
+
+class Continuation(_Body):
+    on_disconnect: Literal["cancel", "finish"] | Grace | None = None
 
 
 class NewMessage(_Body):
@@ -238,6 +243,18 @@ def _grace_s(policy: Literal["cancel", "finish"] | Grace | float) -> float:
     if policy == "finish":
         return math.inf
     return policy.grace_s if isinstance(policy, Grace) else float(policy)
+
+
+@api.post("/v1/messages/<message_id>/continue")
+async def continue_message(message_id: str) -> Response:
+    """Continue a reply that ended early: the same message grows, and its stream goes on from
+    its length (a ``start`` event, then deltas whose ids go on from there)."""
+    service = _service()
+    body = await _parse(Continuation)
+    policy = body.on_disconnect or service.settings.on_disconnect
+    turn_request = TurnRequest.continuation(message_id, disconnect_grace_s=_grace_s(policy))
+    turn = await service.engine.start_turn(turn_request)
+    return _event_stream(relay(turn, after=turn.prefix_length, announce=True))
 
 
 @api.get("/v1/messages/<message_id>/events")

@@ -1,7 +1,8 @@
 """The store: conversations and messages in PostgreSQL or SQLite, behind a Trio-facing API.
 
 It owns the database completely: the schema (``schema.sql``, described to the query builder by
-``_tables.py``), the SQL (``_statements.py``), the SQLAlchemy async engine and its drivers
+``_tables.py``), the SQL (``_statements.py``, and a turn's starting transactions in
+``_starts.py``), the SQLAlchemy async engine and its drivers
 (``_database.py``), the asyncio loop thread they run on (``_aio.py``), the notifications between
 processes on PostgreSQL (``_bus.py``), the records it returns
 (``_records.py``), and the error boundary: every driver exception leaves as ``StoreError``.

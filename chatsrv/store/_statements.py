@@ -24,6 +24,7 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    tuple_,
     union_all,
     update,
 )
@@ -36,6 +37,9 @@ IDEMPOTENCY_WINDOW: Final = timedelta(hours=24)
 
 # A streaming row's stop_reason while a client's cancel request waits for its owner.
 CANCEL_REQUESTED: Final = "user_cancelled"
+
+# The statuses of a reply that can be continued: it ended before the upstream finished it.
+CONTINUABLE: Final = ("interrupted", "cancelled", "timed_out", "failed")
 
 
 # -- Conversations and messages ------------------------------------------------------------------
@@ -73,11 +77,14 @@ def message(mid: str) -> Select[Any]:
 # -- A turn's start ------------------------------------------------------------------------------
 
 
-def conversation_and_history(cid: str) -> Select[int, str | None, str | None]:
-    """The conversation's model and system prompt, then its messages that have content, in
-    order: one statement (a join would repeat the system prompt on every row). The
-    conversation's row comes first, with its model and system prompt in the role and content
-    columns; no row at all means no conversation."""
+def conversation_and_history(
+    cid: str, *, before: tuple[datetime, str] | None = None
+) -> Select[int, str | None, str | None]:
+    """The conversation's model and system prompt, then its messages that have content (those
+    ordered before ``before``'s ``(created_at, id)``, if given), in order: one statement (a join
+    would repeat the system prompt on every row). The conversation's row comes first, with its
+    model and system prompt in the role and content columns; no row at all means no
+    conversation."""
     head = select(
         literal(0).label("part"),
         conversations.c.model.label("role"),
@@ -88,9 +95,36 @@ def conversation_and_history(cid: str) -> Select[int, str | None, str | None]:
     history = select(
         literal(1), messages.c.role, messages.c.content, messages.c.created_at, messages.c.id
     ).where(messages.c.conversation_id == cid, messages.c.content != "")
+    if before is not None:
+        at, mid = before
+        history = history.where(
+            tuple_(messages.c.created_at, messages.c.id)
+            < tuple_(literal(at, messages.c.created_at.type), literal(mid, messages.c.id.type))
+        )
     ordered = union_all(head, history).subquery()
     return select(ordered.c.part, ordered.c.role, ordered.c.content).order_by(
         ordered.c.part, ordered.c.created_at, ordered.c.id
+    )
+
+
+def reopen(mid: str, owner: str, lease_s: float, now: datetime) -> Update:
+    """A reply that ended early back to 'streaming', owned by ``owner`` and leased, so that it can
+    be continued; only from one of the ``CONTINUABLE`` statuses (so one continuation at a time)."""
+    return (
+        update(messages)
+        .where(
+            messages.c.id == mid,
+            messages.c.role == "assistant",
+            messages.c.status.in_(CONTINUABLE),
+        )
+        .values(
+            status="streaming",
+            stop_reason=None,
+            error=None,
+            owner=owner,
+            lease_expires_at=now + timedelta(seconds=lease_s),
+            updated_at=now,
+        )
     )
 
 

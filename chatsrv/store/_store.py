@@ -4,9 +4,9 @@ The ``Store`` class is the layer's one door: the asyncio loop the engine runs on
 :class:`~chatsrv.store._aio.AsyncioThread`), the schema's application, and the error boundary:
 every driver exception leaves as :class:`~chatsrv._errors.StoreError`, or as
 :class:`~chatsrv._errors.StoreUnavailable` when a retry may succeed (``_database.py`` maps them and
-builds the engine). The statements themselves are built in ``_statements.py``, and the
-notifications between processes are ``_bus.py``'s (``Store.bus``). At a little over 400 lines it
-is kept whole: each method is a few lines, and the door reads better as one list.
+builds the engine). The statements themselves are built in ``_statements.py``, a turn's
+starting transactions run in ``_starts.py``, and the notifications between processes are
+``_bus.py``'s (``Store.bus``).
 
 Every public method is one hop to the asyncio loop running one coroutine, which checks one
 connection out of the pool and runs one short transaction: no connection is held across calls,
@@ -25,9 +25,9 @@ from datetime import timedelta
 from typing import Any, Final, TypeVar
 
 import trio
-from sqlalchemy import Executable, Row, RowMapping, exc, insert, inspect, text
+from sqlalchemy import Executable, RowMapping, insert, inspect, text
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatsrv._errors import StoreError
 
@@ -47,6 +47,7 @@ from ._records import (
     parse_id,
     running_record,
 )
+from ._starts import Starts, select_conversation
 from ._tables import MESSAGE_STATUSES, TABLE_NAMES, conversations
 from ._tables import schema_statements as _schema_statements
 
@@ -81,6 +82,7 @@ class Store:
             if self._postgresql
             else self._writer
         )
+        self._starts = Starts(engine, one_statement=self._one_statement, writer=self._writer)
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -172,11 +174,23 @@ class Store:
         """
 
         def begin(cid: str) -> Coroutine[Any, Any, TurnStart | None]:
-            return self._begin_turn(
+            return self._starts.begin_turn(
                 NewTurn(cid, content, model, default_model, owner, lease_s, idempotency_key)
             )
 
         return await self._by_id(conversation_id, begin, None)
+
+    async def begin_continuation(
+        self, message_id: str, *, owner: str, lease_s: float
+    ) -> TurnStart | Message | None:
+        """In one transaction: put an assistant message that ended early (``CONTINUABLE``) back to
+        'streaming', owned by ``owner`` for ``lease_s``, and read the prompt that continues it:
+        the conversation up to the message, the message excluded. The TurnStart's assistant
+        message holds the content so far. A message that cannot be continued is returned as it
+        is (nothing written); None if there is no such message."""
+        return await self._by_id(
+            message_id, lambda mid: self._starts.begin_continuation(mid, owner, lease_s), None
+        )
 
     async def checkpoint(
         self, message_id: str, *, content: str, owner: str, lease_s: float
@@ -322,7 +336,7 @@ class Store:
 
     async def _get_conversation(self, cid: str) -> Conversation | None:
         async with self._engine.begin() as conn:
-            row = await _select_conversation(conn, cid)
+            row = await select_conversation(conn, cid)
         return None if row is None else conversation_record(row)
 
     async def _get_message(self, mid: str) -> Message | None:
@@ -331,80 +345,10 @@ class Store:
 
     async def _list_messages(self, cid: str) -> list[Message] | None:
         async with self._engine.begin() as conn:
-            if await _select_conversation(conn, cid) is None:
+            if await select_conversation(conn, cid) is None:
                 return None
             rows = await conn.execute(sql.messages_of(cid))
             return [message_record(row) for row in rows.mappings()]
-
-    async def _begin_turn(self, turn: NewTurn) -> TurnStart | None:
-        if turn.idempotency_key is not None:
-            existing = await self._keyed_turn(turn.cid, turn.idempotency_key)
-            if existing is not None:
-                return existing
-        try:
-            return await self._insert_turn(turn)
-        except exc.IntegrityError:
-            # Either a concurrent request with the same key inserted its turn first (the unique
-            # index), or the conversation was deleted since it was read (the foreign key).
-            if turn.idempotency_key is not None:
-                existing = await self._keyed_turn(turn.cid, turn.idempotency_key)
-                if existing is not None:
-                    return existing
-            if await self._get_conversation(turn.cid) is None:
-                return None
-            raise
-
-    async def _insert_turn(self, turn: NewTurn) -> TurnStart | None:
-        """A turn starts with one read of the conversation and its history, and one INSERT of
-        its two messages: one statement on PostgreSQL (the INSERT rides along in a WITH), two
-        on SQLite. Nothing is locked: a conversation deleted meanwhile fails the INSERT's
-        foreign key check, which :meth:`_begin_turn` answers as not found."""
-        cid = turn.cid
-        read = sql.conversation_and_history(cid)
-        # One statement on PostgreSQL; SQLite's two share a transaction.
-        async with self._one_statement.begin() as conn:
-            if self._postgresql:
-                # The INSERT selects the conversation's row itself, so that it inserts nothing
-                # when there is none; the read's snapshot does not see the new rows. (So a turn
-                # started concurrently in the same conversation may be stored before this one
-                # and still be missing from its prompt.)
-                user, assistant = sql.turn_messages(turn, CLOCK.now(), CLOCK.now())
-                insert_turn = sql.insert_messages_of(cid, [user, assistant], turn)
-                rows = (await conn.execute(read.add_cte(insert_turn.cte("turn")))).all()
-            else:
-                rows = (await conn.execute(read)).all()
-                # Stamped under the write lock, after the read: stored order is prompt order.
-                user, assistant = sql.turn_messages(turn, CLOCK.now(), CLOCK.now())
-            if not rows:
-                return None
-            (_, conversation_model, system_prompt), *earlier = rows
-            assistant["model"] = sql.reply_model(turn, conversation_model)
-            if not self._postgresql:
-                await conn.execute(sql.insert_messages([user, assistant]))
-        # Typed as nullable by the conversation's columns; a message's role and content never are.
-        history = [{"role": str(role), "content": str(content)} for _, role, content in earlier]
-        if system_prompt:
-            history.insert(0, {"role": "system", "content": system_prompt})
-        history.append({"role": "user", "content": turn.content})
-        return TurnStart(message_record(user), message_record(assistant), history)
-
-    async def _keyed_turn(self, cid: str, key: str) -> TurnStart | None:
-        async with self._engine.begin() as conn:
-            conv = await _select_conversation(conn, cid)
-            if conv is None:
-                return None
-            assistant = (await conn.execute(sql.keyed_reply(cid, key, CLOCK.now()))).first()
-            if assistant is None:
-                return None
-            user = (await conn.execute(sql.message(assistant._mapping["parent_id"]))).first()
-        if user is None:  # the schema cannot say so, but nothing deletes one message alone
-            raise StoreError(f"the user message of turn {assistant._mapping['id']} is missing")
-        return TurnStart(
-            message_record(user._mapping),
-            message_record(assistant._mapping),
-            [],
-            existing=True,
-        )
 
     async def _renew_leases(self, owner: str, ids: list[str], lease_s: float) -> int:
         expires = CLOCK.now() + timedelta(seconds=lease_s)
@@ -425,8 +369,3 @@ class Store:
 def _has_tables(conn: Connection) -> bool:
     inspector = inspect(conn)
     return all(inspector.has_table(name) for name in TABLE_NAMES)
-
-
-async def _select_conversation(conn: AsyncConnection, cid: str) -> Row[Any] | None:
-    row: Row[Any] | None = (await conn.execute(sql.conversation(cid))).first()
-    return row

@@ -7,6 +7,7 @@ gated fake upstream (tokens go out as the test releases them); every test has a 
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 from typing import Any
 
@@ -216,3 +217,165 @@ async def test_running_turns_are_listed_with_their_offsets(chatsrv: Chatsrv, ups
     assert turn["owner"] == chatsrv.service.engine.owner
     assert turn["started_at"] == (await chatsrv.message(first.message_id))["created_at"]
     assert after == {"turns": []}
+
+
+# --- continue ------------------------------------------------------------------------------------
+
+MORE = [f"m{i} " for i in range(6)]
+
+
+async def end_early(start_chatsrv: StartChatsrv, upstream: Any, how: str) -> tuple[Chatsrv, str]:
+    """A server and the id of a reply that ended early, as ``how`` says, after two tokens."""
+    chatsrv = await start_chatsrv(turn_deadline_s=2.0 if how == "timed_out" else 600.0)
+    upstream.script.tokens = TOKENS
+    upstream.script.gated = how != "failed"
+    if how == "failed":
+        upstream.script.fail_after = 2
+    conversation_id = await chatsrv.new_conversation(system="be brief")
+    with trio.fail_after(20):
+        if how == "interrupted":
+            upstream.release(2)
+            gone = await leave_after_first_delta(chatsrv, conversation_id, "cancel")
+            message_id = gone.message_id
+        else:
+            async with trio.open_nursery() as nursery:
+                upstream.release(2)
+                first = await chatsrv.stream_until(
+                    nursery, conversation_id, lambda s: s.text == TEXT[: len(TOKENS[0]) * 2]
+                )
+                message_id = first.message_id
+                if how == "cancelled":
+                    await upstream.wait_tokens_sent(2)
+                    await post(chatsrv, f"/v1/messages/{message_id}/cancel")
+        await chatsrv.wait_finished(message_id)
+    message = await chatsrv.message(message_id)
+    assert message["status"] == how, message
+    upstream.script = type(upstream.script)(tokens=MORE)
+    return chatsrv, message_id
+
+
+async def continue_reply(chatsrv: Chatsrv, message_id: str, **body: Any) -> Stream:
+    stream = Stream(0)
+    async with aconnect_sse(
+        chatsrv.client, "POST", f"/v1/messages/{message_id}/continue", json=body
+    ) as source:
+        stream.status_code = source.response.status_code
+        async for event in source.aiter_sse():
+            stream.events.append(event)
+    return stream
+
+
+@pytest.mark.parametrize("how", ["interrupted", "cancelled", "timed_out", "failed"])
+async def test_a_reply_that_ended_early_continues_in_the_same_message(
+    start_chatsrv: StartChatsrv, upstream: Any, how: str
+) -> None:
+    chatsrv, message_id = await end_early(start_chatsrv, upstream, how)
+    before = await chatsrv.message(message_id)
+    prefix = before["content"]
+    assert prefix.startswith("".join(TOKENS[:2])) or (how == "interrupted" and prefix)
+    with trio.fail_after(20):
+        more = await continue_reply(chatsrv, message_id)
+    assert more.status_code == 200
+    assert more.start["message_id"] == message_id
+    assert more.text == "".join(MORE)
+    assert more.ids[0] > len(prefix) and more.ids[-1] == len(prefix) + len("".join(MORE))
+    assert more.done is not None
+    assert (more.done["status"], more.done["stop_reason"]) == ("complete", "stop")
+    after = await chatsrv.message(message_id)
+    assert after["content"] == prefix + "".join(MORE)
+    assert (after["status"], after["error"], after["created_at"]) == (
+        "complete",
+        None,
+        before["created_at"],
+    )
+    # The upstream was given the conversation with the partial reply, and asked to go on.
+    prompt = upstream.requests[-1]["messages"]
+    assert [m["role"] for m in prompt] == ["system", "user", "assistant", "user"]
+    assert prompt[2]["content"] == prefix
+    assert "Continue" in prompt[3]["content"]
+    # One message, grown: the conversation reads as one question and one answer.
+    messages = await chatsrv.messages(before["conversation_id"])
+    assert [m["role"] for m in messages] == ["user", "assistant"]
+    # And the whole reply resumes like any other.
+    whole = await chatsrv.resume(message_id)
+    assert whole.text == after["content"]
+
+
+async def test_a_reply_with_nothing_yet_is_asked_again(
+    start_chatsrv: StartChatsrv, upstream: Any
+) -> None:
+    chatsrv = await start_chatsrv()
+    upstream.script.tokens = TOKENS
+    upstream.script.fail_after = 0  # broken before the first token
+    conversation_id = await chatsrv.new_conversation()
+    with trio.fail_after(20):
+        failed = await chatsrv.stream(conversation_id, "hi")
+        upstream.script = type(upstream.script)(tokens=MORE)
+        more = await continue_reply(chatsrv, failed.message_id)
+    assert failed.done is not None and failed.done["status"] == "failed"
+    assert more.text == "".join(MORE) and more.ids[-1] == len("".join(MORE))
+    assert [m["role"] for m in upstream.requests[-1]["messages"]] == ["user"]
+
+
+async def test_a_continuation_cut_short_keeps_what_its_client_got(
+    start_chatsrv: StartChatsrv, upstream: Any
+) -> None:
+    chatsrv, message_id = await end_early(start_chatsrv, upstream, "cancelled")
+    prefix = (await chatsrv.message(message_id))["content"]
+    upstream.script.gated = True
+    with trio.fail_after(20):
+        upstream.release(2)
+        gone = Stream(0)
+        async with aconnect_sse(
+            chatsrv.client, "POST", f"/v1/messages/{message_id}/continue", json={}
+        ) as source:
+            with contextlib.suppress(httpx.StreamClosed, httpx.ReadError):
+                async for event in source.aiter_sse():
+                    gone.events.append(event)
+                    if event.event == "delta":
+                        await source.response.aclose()
+        await chatsrv.wait_finished(message_id)
+    stored = await chatsrv.message(message_id)
+    assert (stored["status"], stored["stop_reason"]) == ("interrupted", "client_disconnected")
+    assert stored["content"].startswith(prefix + gone.text)
+    assert len(gone.text) > 0
+
+
+async def test_only_a_reply_that_ended_early_can_continue(chatsrv: Chatsrv, upstream: Any) -> None:
+    upstream.script.tokens = TOKENS
+    conversation_id = await chatsrv.new_conversation()
+    with trio.fail_after(20):
+        done = await chatsrv.stream(conversation_id)
+        before = await chatsrv.count_rows()
+        complete = await post(chatsrv, f"/v1/messages/{done.message_id}/continue")
+        user = await post(chatsrv, f"/v1/messages/{done.start['user_message_id']}/continue")
+        missing = await post(chatsrv, "/v1/messages/00000000-0000-4000-8000-000000000000/continue")
+        bad = await chatsrv.client.post(
+            f"/v1/messages/{done.message_id}/continue", json={"on_disconnect": "later"}
+        )
+    assert complete.status_code == 409
+    assert complete.json()["error"]["code"] == "not_continuable"
+    assert [user.status_code, missing.status_code, bad.status_code] == [404, 404, 422]
+    assert await chatsrv.count_rows() == before
+    assert (await chatsrv.message(done.message_id))["status"] == "complete"
+    assert len(upstream.requests) == 1
+
+
+async def test_one_continuation_at_a_time(start_chatsrv: StartChatsrv, upstream: Any) -> None:
+    chatsrv, message_id = await end_early(start_chatsrv, upstream, "cancelled")
+    upstream.script.gated = True
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            first = Stream(0)
+            nursery.start_soon(partial(_continue_into, chatsrv, message_id, first))
+            await upstream.wait_requests(2)
+            second = await post(chatsrv, f"/v1/messages/{message_id}/continue")
+            upstream.release(len(MORE))
+    assert second.status_code == 409 and second.json()["error"]["code"] == "not_continuable"
+    assert first.text == "".join(MORE)
+
+
+async def _continue_into(chatsrv: Chatsrv, message_id: str, into: Stream) -> None:
+    stream = await continue_reply(chatsrv, message_id)
+    into.events.extend(stream.events)
+    into.status_code = stream.status_code
