@@ -220,3 +220,56 @@ async def _until(condition: Callable[[], bool]) -> None:
 
 
 pytestmark = pytest.mark.usefixtures("upstream")
+
+
+async def test_a_reply_resumes_after_its_server_was_killed_and_restarted(
+    tmp_path: Path, postgresql_url: str, upstream: Any
+) -> None:
+    """The only server is killed mid-reply and a new one starts: a client that resumes from a
+    checkpointed offset gets the rest of the last checkpoint and ``done`` with the swept status."""
+    upstream.script.tokens = TOKENS
+    upstream.script.interval_s = 0.05
+    settings = {"checkpoint_interval_s": "0.2", "lease_s": "1.0", "sweep_interval_s": "0.2"}
+    async with two_servers(tmp_path, postgresql_url, upstream, **settings) as (one, _, servers):
+        servers[1].kill_all()  # this scenario has one server at a time
+        assert await servers[1].exited() == -signal.SIGKILL
+        conversation_id = await one.new_conversation()
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                first = Stream(0)
+                nursery.start_soon(_post_into, one, conversation_id, first)
+                await _until(lambda: len(first.deltas) >= 10)
+                # Polling the row: a checkpoint is a fact of the database, with no event here.
+                while len((checkpoint := await one.message(first.message_id))["content"]) < 10:  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+                servers[0].kill_all()
+                assert await servers[0].exited() == -signal.SIGKILL
+            (tmp_path / "again").mkdir()
+            env = chatsrv_environment(
+                database_url=postgresql_url,
+                llm_base_url=upstream.base_url,
+                llm_api_key="test-key",
+                journal_dir=str(tmp_path / "again" / "journal"),
+                log_level="WARNING",
+                **settings,
+            )
+            async with trio.open_nursery() as nursery:
+                again = await start_hypercorn(nursery, tmp_path / "again", env, graceful_timeout=2)
+                try:
+                    async with httpx.AsyncClient(base_url=again.url, timeout=30) as http:
+                        resumed = await ApiClient(http).resume(first.message_id, 10)
+                        stored = await ApiClient(http).message(first.message_id)
+                    again.process.send_signal(signal.SIGTERM)
+                    assert await again.exited() == 0
+                finally:
+                    again.kill_all()
+    assert resumed.status_code == 200
+    assert resumed.done is not None
+    assert (resumed.done["status"], resumed.done["stop_reason"]) == (
+        "interrupted",
+        "server_crash",
+    )
+    assert stored["content"].startswith(checkpoint["content"])
+    assert resumed.text == stored["content"][10:]
+    assert first.text.startswith(stored["content"])
+    again.log.assert_clean()
