@@ -23,7 +23,7 @@ from werkzeug.exceptions import HTTPException
 from ._errors import ChatsrvError, StoreError
 from ._service import Service, run_service
 from ._settings import Settings
-from .http import api, watch_worker_shutdown, worker_shutdown_event
+from .http import api, closing_connections, watch_worker_shutdown, worker_shutdown_event
 
 log = logging.getLogger("chatsrv")
 
@@ -47,6 +47,9 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
     app.config["JSON_SORT_KEYS"] = False
     app.extensions["chatsrv.settings"] = settings
     app.register_blueprint(api)
+    # Quart-Trio on hypercorn's trio worker left 'Connection: close' connections open. (Wrapping
+    # asgi_app is Quart's documented way to add ASGI middleware; mypy sees a method replaced.)
+    app.asgi_app = closing_connections(app.asgi_app)  # type: ignore[method-assign,assignment]
 
     @app.before_serving
     async def start_service() -> None:

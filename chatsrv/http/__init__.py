@@ -1,14 +1,15 @@
 """The HTTP layer: the v1 routes, the SSE relay and the integration with hypercorn.
 
 It owns everything a client sees on the wire: parsing and validating requests, the JSON bodies,
-the Server-Sent Events of a turn (``_relay.py``), and learning early that hypercorn is stopping
-the worker (``_hypercorn.py``). Routes stay thin: they call the turn engine or the store and
-shape the answer.
+the Server-Sent Events of a turn (``_relay.py``), learning early that hypercorn is stopping the
+worker (``_hypercorn.py``), and closing the connections that must close (``_close.py``). Routes
+stay thin: they call the turn engine or the store and shape the answer.
 
 May import: ``chatsrv.engine``, ``chatsrv.store``, ``chatsrv._settings``, ``chatsrv._errors``.
 Never the upstream layer (a route does not talk to a model), never the top-level modules.
 """
 
+from ._close import closing_connections
 from ._hypercorn import watch_worker_shutdown, worker_shutdown_event
 from ._relay import PING, keep_alive, relay, replayed
 from ._routes import Backend, api
@@ -17,6 +18,7 @@ __all__ = [
     "PING",
     "Backend",
     "api",
+    "closing_connections",
     "keep_alive",
     "relay",
     "replayed",
