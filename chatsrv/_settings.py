@@ -6,11 +6,12 @@ Every variable is ``CHATSRV_`` + the field name in upper case (``CHATSRV_TURN_DE
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///chatsrv.db"
 DEMO_MODEL = "chatsrv-demo"
@@ -51,6 +52,8 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(default=15.0, gt=0)
     shutdown_grace_s: float = Field(default=5.0, ge=0)
     max_message_chars: int = Field(default=100_000, ge=1)
+    # Turns running at once in one process (a worker); one more is refused with 503.
+    max_active_turns: int = Field(default=500, ge=1)
     # When a reply's last client leaves: "cancel" stops it, "finish" lets it run to its end, a
     # number of seconds waits that long for a client to resume it, then stops it. A request's
     # "on_disconnect" overrides it.
@@ -67,6 +70,25 @@ class Settings(BaseSettings):
     # marks rows whose lease expired 'interrupted'/'server_crash'.
     lease_s: float = Field(default=30.0, gt=0)
     sweep_interval_s: float = Field(default=15.0, gt=0)
+
+    # Browser origins allowed to call the API from other origins (CORS): comma-separated, e.g.
+    # "https://chat.example.com,http://localhost:5173", or "*"; none by default.
+    cors_origins: Annotated[list[str], NoDecode] = []
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+                raise ValueError(f"{origin!r} is not an origin (scheme://host[:port], or *)")
+        return origins
 
     @field_validator("database_url")
     @classmethod

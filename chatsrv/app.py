@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 import trio
 from quart import Response, request
+from quart_cors import cors
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -47,6 +48,16 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
     app.config["JSON_SORT_KEYS"] = False
     app.extensions["chatsrv.settings"] = settings
     app.register_blueprint(api)
+    if settings.cors_origins:
+        # Bearer keys go in a header, never in cookies: no credentials mode.
+        cors(
+            app,
+            allow_origin=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID"],
+            expose_headers=["Retry-After", "WWW-Authenticate"],
+            max_age=600,
+        )
     # Quart-Trio on hypercorn's trio worker left 'Connection: close' connections open. (Wrapping
     # asgi_app is Quart's documented way to add ASGI middleware; mypy sees a method replaced.)
     app.asgi_app = closing_connections(app.asgi_app)  # type: ignore[method-assign,assignment]

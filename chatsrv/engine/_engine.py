@@ -211,12 +211,17 @@ class TurnEngine:
         """Insert the user and assistant rows and start the turn; return it once it runs.
 
         Raises NotFound for an unknown conversation (nothing written), ExistingTurn when the
-        request's Idempotency-Key names a turn already started, ServiceUnavailable when draining,
-        StoreUnavailable when the database cannot take the turn.
+        request's Idempotency-Key names a turn already started, ServiceUnavailable when draining
+        or when ``max_active_turns`` run already (nothing written either way), StoreUnavailable
+        when the database cannot take the turn.
         """
         unavailable = ServiceUnavailable("the server is shutting down; retry on another instance")
         if not self.accepting:
             raise unavailable
+        if len(self._turns) + self._starting >= self._settings.max_active_turns:
+            raise ServiceUnavailable(
+                "this server runs as many turns as it may; retry later", code="too_many_turns"
+            )
         reply_tx, reply_rx = trio.open_memory_channel[Turn | Exception](1)
         try:
             self._inbox_tx.send_nowait(_Start(request, reply_tx))
