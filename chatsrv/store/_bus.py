@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import math
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import asyncpg
@@ -28,10 +29,7 @@ import trio
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from chatsrv._errors import StoreError
-
-from ._aio import AsyncioThread, BridgeClosed
-from ._database import map_error
+from ._aio import AsyncioThread
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +75,16 @@ class Subscription:
 class Bus:
     """One store's notifications, on PostgreSQL (``Store.bus``; SQLite has none)."""
 
-    def __init__(self, bridge: AsyncioThread, engine: AsyncEngine, *, timeout_s: float) -> None:
+    def __init__(
+        self,
+        bridge: AsyncioThread,
+        engine: AsyncEngine,
+        *,
+        timeout_s: float,
+        call: Callable[[Coroutine[Any, Any, Any]], Awaitable[Any]],
+    ) -> None:
         self._bridge = bridge
+        self._call = call  # the store's one hop to the loop, and its error boundary
         self._engine = engine.execution_options(isolation_level="AUTOCOMMIT")
         self._dsn = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
         self._timeout_s = timeout_s
@@ -104,14 +110,6 @@ class Bus:
         """Send ``payload`` (at most ``MAX_PAYLOAD_BYTES`` in UTF-8) to ``channel``'s listeners,
         in every process, once the statement has run."""
         await self._call(self._notify(channel, payload))
-
-    async def _call(self, coro: Any) -> Any:
-        try:
-            return await self._bridge.run(coro)
-        except BridgeClosed as error:
-            raise StoreError("the store is closed") from error
-        except Exception as error:
-            raise map_error(error) from error
 
     async def aclose(self) -> None:
         """Stop listening (on the asyncio loop: run it with the bridge)."""

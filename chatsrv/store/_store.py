@@ -72,7 +72,9 @@ class Store:
         self._engine = engine
         self._postgresql = engine.dialect.name == "postgresql"
         # Notifications between processes: PostgreSQL's LISTEN/NOTIFY; SQLite has none.
-        self.bus = Bus(bridge, engine, timeout_s=timeout_s) if self._postgresql else None
+        self.bus = (
+            Bus(bridge, engine, timeout_s=timeout_s, call=self._call) if self._postgresql else None
+        )
         # Writes take SQLite's write lock at BEGIN (_database.configure_sqlite); no-op on PG.
         self._writer = engine.execution_options(chatsrv_begin="IMMEDIATE")
         # A write that is one statement is atomic by itself: on PostgreSQL it runs without
