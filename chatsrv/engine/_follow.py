@@ -17,6 +17,7 @@ on any worker or host. That process follows the reply:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
@@ -83,7 +84,10 @@ class Follower:
                 while self.length is None:
                     payload = await self._subscription.receive()
                     self._early.append(payload)
-                    self.length = wire.decode(payload).get("length", self.length)
+                    with contextlib.suppress(ValueError):  # not ours: see _parse
+                        length = wire.decode(payload).get("length")
+                        if isinstance(length, int):
+                            self.length = length
         except StoreError as exc:
             log.warning("reply %s: following it without notifications: %s", self._id, exc)
             self.close()
@@ -118,19 +122,23 @@ class Follower:
                     await trio.sleep_until(min(next_poll, last_yield + self._quiet_s))
                 final = False
                 for payload in payloads:
-                    message = wire.decode(payload)
-                    if "at" in message:
-                        piece = self._take(message["at"], message["text"])
+                    at, text, end = _parse(payload)
+                    if text:
+                        piece = self._take(at, text)
                         if piece is not None:
                             last_news = last_yield = trio.current_time()
                             yield piece
-                        elif message["at"] > self._have:  # a gap: ask for it at once
+                        elif at > self._have:  # a gap: ask for it at once
                             next_ask = trio.current_time()
-                    final = final or "end" in message
+                    final = final or end
                 now = trio.current_time()
                 if final or now >= next_poll:
                     next_poll = now + poll_s
-                    stored = await self._store.get_message(self._id)
+                    try:
+                        stored = await self._store.get_message(self._id)
+                    except StoreError as exc:  # the database blinked: read it next time
+                        log.warning("reply %s: could not read it: %s", self._id, exc)
+                        continue
                     if stored is None:
                         return
                     if stored["status"] != "streaming":
@@ -141,9 +149,10 @@ class Follower:
                         last_news = last_yield = trio.current_time()
                         yield piece
                     elif now - last_news >= self._lease_s:
-                        await self._store.sweep(self._sweeper)  # its owner may have died
                         last_news = now
                         next_poll = now  # read the swept row at once
+                        with contextlib.suppress(StoreError):  # tried again a lease later
+                            await self._store.sweep(self._sweeper)  # its owner may have died
                 if self._subscription is not None and trio.current_time() >= next_ask:
                     await self._ask()
                     next_ask = trio.current_time() + wire.TAIL_RENEW_S
@@ -168,3 +177,16 @@ class Follower:
             await bus.notify(wire.CONTROL, wire.encode({"tail": self._id, "from": self._have}))
         except StoreError as exc:
             log.debug("reply %s: asking its owner failed: %s", self._id, exc)
+
+
+def _parse(payload: str) -> tuple[int, str, bool]:
+    """A reply channel's payload as (offset, text, end); one that is not what ``_wire.py``
+    describes counts as nothing (another program may notify on the channel)."""
+    try:
+        message = wire.decode(payload)
+    except ValueError:
+        message = {}
+    at, text = message.get("at"), message.get("text")
+    if not (isinstance(at, int) and isinstance(text, str)):
+        at, text = 0, ""
+    return at, text, message.get("end") is True

@@ -210,7 +210,8 @@ async def test_an_offset_past_a_running_reply_is_a_400(chatsrv: Chatsrv, upstrea
 async def test_a_reply_resumes_on_another_server(
     start_chatsrv: StartChatsrv, upstream: Any
 ) -> None:
-    """Server B follows the reply server A streams, from the rows A checkpoints."""
+    """Server B follows the reply server A streams: on PostgreSQL through A's notifications
+    (which foreign ones on the same channel do not disturb), on SQLite through A's checkpoints."""
     owner = await start_chatsrv(checkpoint_interval_s=0.05)
     other = await start_chatsrv(checkpoint_interval_s=0.05)
     upstream.script.tokens = TOKENS
@@ -227,6 +228,14 @@ async def test_a_reply_resumes_on_another_server(
             assert piece.text == first.text[after:]
             rest = Stream(0)
             nursery.start_soon(partial(other.resume, first.message_id, len(first.text), into=rest))
+            upstream.release(1)
+            while not rest.deltas:  # noqa: ASYNC110  (a client's progress, seen from outside)
+                await trio.sleep(0.01)
+            bus = owner.service.store.bus
+            if bus is not None:
+                channel = "chatsrv_reply_" + first.message_id.replace("-", "")
+                for junk in ("junk", "[1]", '{"at": "x", "text": 1}', '{"at": 0, "text": "zz"}'):
+                    await bus.notify(channel, junk)
             upstream.release(len(TOKENS))
     assert rest.text == TEXT[len("".join(TOKENS[:4])) :]
     assert rest.done is not None and rest.done == first.done
