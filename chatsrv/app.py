@@ -21,10 +21,17 @@ from quart_cors import cors
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from . import __version__
 from ._errors import ChatsrvError, StoreError
 from ._service import Service, run_service
 from ._settings import Settings
-from .http import api, closing_connections, watch_worker_shutdown, worker_shutdown_event
+from .http import (
+    api,
+    closing_connections,
+    publish_contract,
+    watch_worker_shutdown,
+    worker_shutdown_event,
+)
 
 log = logging.getLogger("chatsrv")
 
@@ -48,6 +55,7 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
     app.config["JSON_SORT_KEYS"] = False
     app.extensions["chatsrv.settings"] = settings
     app.register_blueprint(api)
+    publish_contract(app, version=__version__)
     if settings.cors_origins:
         # Bearer keys go in a header, never in cookies: no credentials mode.
         cors(

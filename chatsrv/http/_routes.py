@@ -20,12 +20,14 @@ import orjson
 import trio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from quart import Blueprint, Response, current_app, request
+from quart_schema import document_querystring, document_request, document_response
 
 from chatsrv._errors import ExistingTurn, InvalidRequest, NotFound, StoreError
 from chatsrv._settings import Settings
 from chatsrv.engine import Journal, Peers, TurnEngine, TurnRequest
-from chatsrv.store import Message, Store
+from chatsrv.store import Conversation, Message, Store
 
+from ._contract import ConversationList, Health, MessageList, TurnList
 from ._relay import followed, relay, replayed
 
 api = Blueprint("api", __name__)
@@ -58,6 +60,10 @@ class NewConversation(_Body):
     title: str | None = Field(None, max_length=1000)
     model: str | None = Field(None, min_length=1, max_length=200)
     system: str | None = None
+
+
+class Listing(BaseModel):
+    limit: int = Field(100, ge=1, le=1000)
 
 
 class Grace(_Body):
@@ -141,12 +147,14 @@ def _json(body: Any, status: int = 200) -> Response:
 
 
 @api.get("/healthz")
+@document_response(Health)
 async def healthz() -> Response:
     """The process is up and serving HTTP."""
     return _json({"status": "ok"})
 
 
 @api.get("/readyz")
+@document_response(Health)
 async def readyz() -> Response:
     """Ready to take turns: not draining, the database answers, the journal is empty."""
     service = _service()
@@ -169,6 +177,8 @@ async def readyz() -> Response:
 
 
 @api.post("/v1/conversations")
+@document_request(NewConversation)
+@document_response(Conversation, 201)
 async def create_conversation() -> Response:
     body = await _parse(NewConversation)
     conversation = await _service().store.create_conversation(
@@ -178,6 +188,8 @@ async def create_conversation() -> Response:
 
 
 @api.get("/v1/conversations")
+@document_querystring(Listing)
+@document_response(ConversationList)
 async def list_conversations() -> Response:
     limit = request.args.get("limit", "100")
     if not limit.isdigit() or not 1 <= int(limit) <= 1000:
@@ -187,6 +199,7 @@ async def list_conversations() -> Response:
 
 
 @api.get("/v1/conversations/<conversation_id>")
+@document_response(Conversation)
 async def get_conversation(conversation_id: str) -> Response:
     conversation = await _service().store.get_conversation(conversation_id)
     if conversation is None:
@@ -202,6 +215,7 @@ async def delete_conversation(conversation_id: str) -> Response:
 
 
 @api.get("/v1/conversations/<conversation_id>/messages")
+@document_response(MessageList)
 async def list_messages(conversation_id: str) -> Response:
     messages = await _service().store.list_messages(conversation_id)
     if messages is None:
@@ -210,6 +224,7 @@ async def list_messages(conversation_id: str) -> Response:
 
 
 @api.post("/v1/conversations/<conversation_id>/messages")
+@document_request(NewMessage)
 async def post_message(conversation_id: str) -> Response:
     service = _service()
     body = await _parse(NewMessage)
@@ -246,6 +261,7 @@ def _grace_s(policy: Literal["cancel", "finish"] | Grace | float) -> float:
 
 
 @api.post("/v1/messages/<message_id>/continue")
+@document_request(Continuation)
 async def continue_message(message_id: str) -> Response:
     """Continue a reply that ended early: the same message grows, and its stream goes on from
     its length (a ``start`` event, then deltas whose ids go on from there)."""
@@ -323,6 +339,7 @@ def _check_offset(after: int | None, length: int) -> None:
 
 
 @api.post("/v1/messages/<message_id>/cancel")
+@document_response(Message)
 async def cancel_message(message_id: str) -> Response:
     """Stop a reply wherever it streams; answer with the message once it is final. A reply that
     has ended already is answered as it is, unchanged."""
@@ -333,6 +350,7 @@ async def cancel_message(message_id: str) -> Response:
 
 
 @api.get("/v1/turns")
+@document_response(TurnList)
 async def list_turns() -> Response:
     """The replies streaming now, on every process, oldest first."""
     return _json({"turns": await _service().peers.running_replies()})
@@ -357,6 +375,7 @@ def _event_stream(body: AsyncIterator[bytes] | bytes) -> Response:
 
 
 @api.get("/v1/messages/<message_id>")
+@document_response(Message)
 async def get_message(message_id: str) -> Response:
     message = await _service().store.get_message(message_id)
     if message is None:

@@ -10,9 +10,12 @@ import threading
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final, TypedDict
+from typing import Any, Final
 
 from sqlalchemy import Row
+
+# typing_extensions' TypedDict: pydantic (the published API contract) reads these on 3.11.
+from typing_extensions import TypedDict
 
 
 class Conversation(TypedDict):
