@@ -7,6 +7,7 @@ Who owns what::
     start_turn() ── inbox channel ──────▶ spawner ── start_soon ──▶ turn task (_run)
                                             │ shielded, bounded: store.begin_turn()
                                             │   user row + assistant row 'streaming', one commit
+                                            │   (a continuation: the reply's row back to it)
     ◀──────────── reply channel: turn ──────┤ (the requester gone? the disconnect policy decides)
                                             ├── generation scope  (CancelScope, deadline)
     SSE body = relay(turn)                  │     provider.generate(emit=deltas.send_nowait)
@@ -51,11 +52,11 @@ How each final status arises, in ``_generate``:
         resume_grace_expired: ... and none came back within the policy's grace
         server_shutdown: the server is draining
     generation scope: cancel()                → cancelled    stop_reason = user_cancelled
+    the service nursery itself is cancelled   → interrupted  stop_reason = server_shutdown
 
 A continued reply (``TurnRequest.continuation``) is a turn like any other that starts from its
 message's content instead of an empty one: the row goes back to 'streaming', the Turn holds the
 old content as its first delta, and the prompt ends with it and ``CONTINUE_INSTRUCTION``.
-    the service nursery itself is cancelled   → interrupted  stop_reason = server_shutdown
 """
 
 from __future__ import annotations
