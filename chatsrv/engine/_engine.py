@@ -265,12 +265,6 @@ class TurnEngine:
                 if not first_grace_s:  # "cancel": before the generation has even begun
                     turn.stop(StopReason.CLIENT_DISCONNECTED)
 
-        if turn.prefix_length:
-            history = [
-                *history,
-                {"role": "assistant", "content": turn.content},
-                {"role": "user", "content": CONTINUE_INSTRUCTION},
-            ]
         prompt = Prompt(model=turn.model, messages=history)
         # Unbounded on purpose: the generation must never wait on persistence. The buffer holds
         # at most the reply itself, which the persister keeps anyway.
@@ -323,8 +317,16 @@ class TurnEngine:
             started_at=begun.assistant_message["created_at"],
             disconnect_grace_s=request.disconnect_grace_s,
             prefix=begun.assistant_message["content"],
+            on_deserted=self._deserted,
         )
-        return turn, begun.history
+        history = begun.history
+        if turn.prefix_length:  # a continuation: the reply so far, and the ask to go on
+            history = [
+                *history,
+                {"role": "assistant", "content": turn.content},
+                {"role": "user", "content": CONTINUE_INSTRUCTION},
+            ]
+        return turn, history
 
     async def _mind_clients(self, turn: Turn, grace_s: float) -> None:
         """The disconnect policy: stop the turn once it has had no client for ``grace_s`` (at
@@ -337,15 +339,24 @@ class TurnEngine:
                 break
             await turn.wait_deserted()
             grace_s = turn.disconnect_grace_s
+        turn.stop(self._unattended(turn))
+
+    def _deserted(self, turn: Turn) -> None:
+        """The last client left. With the "cancel" policy the generation stops now, in the
+        leaving relay's own step: the upstream stops being paid without waiting for a task
+        switch, and the reply is committed sooner."""
+        if not turn.disconnect_grace_s:
+            turn.stop(self._unattended(turn))
+
+    def _unattended(self, turn: Turn) -> StopReason:
+        """Why a turn that nobody streams stops."""
         if self._drain_requested.is_set():
             # While draining, a connection that goes away was most likely closed by the
             # server's own graceful timeout; either way the turn ends because of the shutdown.
-            reason = StopReason.SERVER_SHUTDOWN
-        elif turn.disconnect_grace_s:
-            reason = StopReason.RESUME_GRACE_EXPIRED
-        else:
-            reason = StopReason.CLIENT_DISCONNECTED
-        turn.stop(reason)
+            return StopReason.SERVER_SHUTDOWN
+        if turn.disconnect_grace_s:
+            return StopReason.RESUME_GRACE_EXPIRED
+        return StopReason.CLIENT_DISCONNECTED
 
     def _maybe_idle(self) -> None:
         if not self._turns and not self._starting:

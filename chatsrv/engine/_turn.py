@@ -10,6 +10,7 @@ processes that follow it (``_publisher.py``). How the tasks around it are arrang
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +62,7 @@ class Turn:
         started_at: str,
         disconnect_grace_s: float = 0.0,
         prefix: str = "",
+        on_deserted: Callable[[Turn], None] | None = None,
     ) -> None:
         self.conversation_id = conversation_id
         self.user_message_id = user_message_id
@@ -91,6 +93,7 @@ class Turn:
         self.relays = 0  # clients attached now (relays, and a publisher to other processes)
         self._attended = trio.Event()  # set while a relay is attached
         self._deserted = trio.Event()  # set once the last relay has left, until one attaches
+        self._on_deserted = on_deserted
 
     @property
     def content(self) -> str:
@@ -152,11 +155,14 @@ class Turn:
             self._deserted = trio.Event()
 
     def detach(self) -> None:
-        """A relay is gone; the engine applies the disconnect policy when it was the last."""
+        """A relay is gone; the engine applies the disconnect policy when it was the last (at
+        once, in ``on_deserted``, for the "cancel" policy)."""
         self.relays -= 1
         if self.relays == 0:
             self._deserted.set()
             self._attended = trio.Event()
+            if self._on_deserted is not None and not self.finished.is_set():
+                self._on_deserted(self)
 
     async def wait_attended(self) -> None:
         """Wait until a relay is attached."""

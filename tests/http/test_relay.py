@@ -13,7 +13,7 @@ from chatsrv.engine import Outcome, Status, Turn
 from chatsrv.http import PING, keep_alive, relay
 
 
-def make_turn() -> Turn:
+def make_turn(deserted: list[Turn] | None = None) -> Turn:
     return Turn(
         conversation_id="c",
         user_message_id="u",
@@ -21,6 +21,7 @@ def make_turn() -> Turn:
         model="x",
         deadline=trio.current_time() + 600,
         started_at="2026-01-01T00:00:00.000000+00:00",
+        on_deserted=(deserted if deserted is not None else []).append,
     )
 
 
@@ -138,6 +139,25 @@ async def test_only_the_last_relay_leaving_deserts_the_turn(autojump_clock: Any)
         await second.aclose()
         await turn.wait_deserted()
     assert turn.relays == 0
+
+
+async def test_the_last_relay_leaving_tells_the_engine_at_once_unless_the_turn_ended() -> None:
+    deserted: list[Turn] = []
+    turn = make_turn(deserted)
+    first, second = relay(turn), relay(turn)
+    await first.__anext__()
+    await second.__anext__()
+    await first.aclose()
+    assert deserted == []
+    await second.aclose()  # in the leaving relay's own step: no task switch before the stop
+    assert deserted == [turn]
+    ended: list[Turn] = []
+    finished = make_turn(ended)
+    events = relay(finished)
+    finish(finished)
+    assert (await events.__anext__()).startswith(b"event: start\n")
+    await events.aclose()
+    assert ended == []
 
 
 async def test_a_resumed_relay_starts_after_its_offset_then_goes_on_live() -> None:
