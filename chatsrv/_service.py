@@ -1,5 +1,6 @@
-"""The process-wide service: the store, the journal, the provider, the turn engine and the
-recovery tasks, opened and closed in the order that keeps every reply.
+"""The process-wide service: the store, the journal, the provider, the turn engine, its peers (the
+other processes' follows and cancels) and the recovery tasks, opened and closed in the order
+that keeps every reply.
 
 Shutdown order, made structural by nesting: the engine stops taking turns and drains them (every
 persister commits or journals its reply); then the recovery tasks stop; then the provider, the

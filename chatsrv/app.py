@@ -57,7 +57,7 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
     app.register_blueprint(api)
     publish_contract(app, version=__version__)
     if settings.cors_origins:
-        # Bearer keys go in a header, never in cookies: no credentials mode.
+        # chatsrv sets no cookies: no credentials mode.
         cors(
             app,
             allow_origin=settings.cors_origins,
