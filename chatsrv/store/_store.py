@@ -328,7 +328,7 @@ class Store:
         return conversation_record(row)
 
     # The statement is built here, on the loop's thread, like every statement: the Trio thread,
-    # which relays every token, pays only for the hop (building an UPDATE costs 0.1–0.2 ms).
+    # which relays every token, pays only for the hop (building an UPDATE costs 0.1 to 0.2 ms).
 
     async def _read(self, build: Callable[[], Executable]) -> list[RowMapping]:
         async with self._engine.begin() as conn:
