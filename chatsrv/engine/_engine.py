@@ -175,7 +175,7 @@ class TurnEngine:
         if turn is None:
             await trio.lowlevel.checkpoint()
             return None
-        turn.stop(StopReason.USER_CANCELLED, Status.CANCELLED)
+        turn.cancel()
         await turn.finished.wait()
         return turn
 

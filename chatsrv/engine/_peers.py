@@ -27,7 +27,7 @@ from . import _wire as wire
 from ._engine import TurnEngine
 from ._follow import Follower
 from ._publisher import Publisher
-from ._turn import Status, StopReason
+from ._turn import Turn
 
 log = logging.getLogger("chatsrv.engine")
 
@@ -119,8 +119,7 @@ class Peers:
         if turn is None:
             return  # another process's turn, or one that has ended
         if "cancel" in request:
-            log.info("turn %s: cancelled from another process", message_id)
-            turn.stop(StopReason.USER_CANCELLED, Status.CANCELLED)
+            _cancelled_elsewhere(turn)
             return
         after = request.get("from")
         if not isinstance(after, int) or after < 0:
@@ -158,8 +157,7 @@ class Peers:
             for message_id in requested:
                 turn = self._engine.turn(message_id)
                 if turn is not None:
-                    log.info("turn %s: cancelled from another process", message_id)
-                    turn.stop(StopReason.USER_CANCELLED, Status.CANCELLED)
+                    _cancelled_elsewhere(turn)
 
     async def _tell(self, request: dict[str, object]) -> None:
         if self._store.bus is None:
@@ -169,3 +167,8 @@ class Peers:
             await self._store.bus.notify(wire.CONTROL, wire.encode(request))
         except StoreError as exc:  # the row's mark reaches the owner anyway
             log.debug("could not notify the other processes: %s", exc)
+
+
+def _cancelled_elsewhere(turn: Turn) -> None:
+    log.info("turn %s: cancelled from another process", turn.message_id)
+    turn.cancel()

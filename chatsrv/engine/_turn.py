@@ -113,6 +113,10 @@ class Turn:
             self.stop_reason, self.stop_status = reason, status
         self.generation_scope.cancel(reason=reason)
 
+    def cancel(self) -> None:
+        """A client asked to stop the reply: it is kept as ``cancelled``/``user_cancelled``."""
+        self.stop(StopReason.USER_CANCELLED, Status.CANCELLED)
+
     # -- the persister's side --------------------------------------------------------------
 
     def extend(self, texts: list[str]) -> None:

@@ -62,8 +62,12 @@ class NewConversation(_Body):
     system: str | None = None
 
 
+# The most conversations one list returns.
+_LIST_MAX = 1000
+
+
 class Listing(BaseModel):
-    limit: int = Field(100, ge=1, le=1000)
+    limit: int = Field(100, ge=1, le=_LIST_MAX)
 
 
 class Grace(_Body):
@@ -72,15 +76,15 @@ class Grace(_Body):
 
 
 class Continuation(_Body):
-    on_disconnect: Literal["cancel", "finish"] | Grace | None = None
-
-
-class NewMessage(_Body):
-    content: str
-    model: str | None = Field(None, min_length=1, max_length=200)
     # What happens when the last client leaves: "cancel" stops the generation, "finish" lets
     # it run to its end, {"grace_s": N} waits N seconds for a client to resume, then stops.
+    # Unset: CHATSRV_ON_DISCONNECT.
     on_disconnect: Literal["cancel", "finish"] | Grace | None = None
+
+
+class NewMessage(Continuation):
+    content: str
+    model: str | None = Field(None, min_length=1, max_length=200)
 
     @field_validator("content")
     @classmethod
@@ -192,8 +196,8 @@ async def create_conversation() -> Response:
 @document_response(ConversationList)
 async def list_conversations() -> Response:
     limit = request.args.get("limit", "100")
-    if not limit.isdigit() or not 1 <= int(limit) <= 1000:
-        raise InvalidRequest("limit: must be an integer from 1 to 1000")
+    if not limit.isdigit() or not 1 <= int(limit) <= _LIST_MAX:
+        raise InvalidRequest(f"limit: must be an integer from 1 to {_LIST_MAX}")
     conversations = await _service().store.list_conversations(limit=int(limit))
     return _json({"conversations": conversations})
 
@@ -232,13 +236,12 @@ async def post_message(conversation_id: str) -> Response:
         raise InvalidRequest(f"content: at most {service.settings.max_message_chars} characters")
     key = _idempotency_key()
     after = _last_event_id()  # for a retry that attaches to its turn
-    policy = body.on_disconnect or service.settings.on_disconnect
     turn_request = TurnRequest(
         conversation_id,
         body.content,
         body.model,
         idempotency_key=key,
-        disconnect_grace_s=_grace_s(policy),
+        disconnect_grace_s=_grace_s(body, service.settings),
     )
     try:
         turn = await service.engine.start_turn(turn_request)
@@ -252,7 +255,9 @@ async def post_message(conversation_id: str) -> Response:
     return _event_stream(relay(turn))
 
 
-def _grace_s(policy: Literal["cancel", "finish"] | Grace | float) -> float:
+def _grace_s(body: Continuation, settings: Settings) -> float:
+    """The disconnect policy of a turn's request, as the engine takes it."""
+    policy = body.on_disconnect or settings.on_disconnect
     if policy == "cancel":
         return 0.0
     if policy == "finish":
@@ -267,8 +272,8 @@ async def continue_message(message_id: str) -> Response:
     its length (a ``start`` event, then deltas whose ids go on from there)."""
     service = _service()
     body = await _parse(Continuation)
-    policy = body.on_disconnect or service.settings.on_disconnect
-    turn_request = TurnRequest.continuation(message_id, disconnect_grace_s=_grace_s(policy))
+    grace_s = _grace_s(body, service.settings)
+    turn_request = TurnRequest.continuation(message_id, disconnect_grace_s=grace_s)
     turn = await service.engine.start_turn(turn_request)
     return _event_stream(relay(turn, after=turn.prefix_length, announce=True))
 
@@ -344,7 +349,7 @@ async def cancel_message(message_id: str) -> Response:
     """Stop a reply wherever it streams; answer with the message once it is final. A reply that
     has ended already is answered as it is, unchanged."""
     message = await _service().peers.cancel(message_id)
-    if message is None or message["role"] != "assistant":
+    if message is None:
         raise NotFound("message not found")
     return _json(message)
 
