@@ -76,6 +76,10 @@ class Stream:
         return [int(event.id) for event in self.deltas]
 
 
+def _after_deltas(count: int) -> Callable[[Stream], bool]:
+    return lambda stream: len(stream.deltas) == count
+
+
 @dataclass
 class ApiClient:
     """A client of chatsrv's HTTP API, wherever the server runs."""
@@ -99,30 +103,59 @@ class ApiClient:
         message: dict[str, Any] = response.json()
         return message
 
+    async def read_events(
+        self,
+        method: str,
+        path: str,
+        *,
+        until: Callable[[Stream], bool] | None = None,
+        on_delta: Callable[[int], Awaitable[None]] | None = None,
+        into: Stream | None = None,
+        **request: Any,
+    ) -> Stream:
+        """Send a request that answers with Server-Sent Events and read them to the end, or
+        close the connection as soon as ``until(stream)`` holds. ``on_delta`` is awaited with
+        the count of deltas after each one. Events are collected in ``into`` when given, so a
+        caller keeps what arrived even if the connection breaks."""
+        stream = into if into is not None else Stream(0)
+        left = False
+        async with aconnect_sse(self.client, method, path, **request) as source:
+            stream.status_code = source.response.status_code
+            try:
+                async for event in source.aiter_sse():
+                    stream.events.append(event)
+                    if event.event == "delta" and on_delta is not None:
+                        await on_delta(len(stream.deltas))
+                    if until is not None and until(stream):
+                        # Closing the response closes the socket mid-body; the iteration then
+                        # fails, which unwinds httpx's generators (breaking out of the loop
+                        # would leave them to the garbage collector).
+                        left = True
+                        await source.response.aclose()
+            except (httpx.StreamClosed, httpx.ReadError):
+                if not left:
+                    raise
+        return stream
+
     async def resume(
         self,
         message_id: str,
         after: int | None = None,
         *,
         query: int | None = None,
+        until: Callable[[Stream], bool] | None = None,
         into: Stream | None = None,
     ) -> Stream:
-        """Read ``GET /v1/messages/{id}/events`` to its end, with ``Last-Event-ID: after`` (and
-        ``?last_event_id=query``) when given."""
-        headers = {} if after is None else {"Last-Event-ID": str(after)}
-        params = {} if query is None else {"last_event_id": str(query)}
-        stream = into if into is not None else Stream(0)
-        async with aconnect_sse(
-            self.client,
+        """Read ``GET /v1/messages/{id}/events``, with ``Last-Event-ID: after`` (and
+        ``?last_event_id=query``) when given (see ``read_events``)."""
+        return await self.read_events(
             "GET",
             f"/v1/messages/{message_id}/events",
-            headers=headers,
-            params=params,
-        ) as source:
-            stream.status_code = source.response.status_code
-            async for event in source.aiter_sse():
-                stream.events.append(event)
-        return stream
+            headers={} if after is None else {"Last-Event-ID": str(after)},
+            params={} if query is None else {"last_event_id": str(query)},
+            until=until,
+            into=into,
+        )
 
     async def stream(
         self,
@@ -135,31 +168,18 @@ class ApiClient:
         into: Stream | None = None,
     ) -> Stream:
         """Post a message and read its SSE stream to the end, or close the connection after
-        ``disconnect_after`` delta events. Events are collected in ``into`` when given, so a
-        caller keeps what arrived even if the connection breaks."""
+        ``disconnect_after`` delta events (see ``read_events``)."""
         body: dict[str, Any] = {"content": content}
         if model is not None:
             body["model"] = model
-        async with aconnect_sse(
-            self.client, "POST", f"/v1/conversations/{conversation_id}/messages", json=body
-        ) as source:
-            stream = into if into is not None else Stream(0)
-            stream.status_code = source.response.status_code
-            try:
-                async for event in source.aiter_sse():
-                    stream.events.append(event)
-                    if event.event == "delta":
-                        if on_delta is not None:
-                            await on_delta(len(stream.deltas))
-                        if len(stream.deltas) == disconnect_after:
-                            # Closing the response closes the socket mid-body; the iteration
-                            # then fails, which unwinds httpx's generators (breaking out of the
-                            # loop would leave them to the garbage collector).
-                            await source.response.aclose()
-            except (httpx.StreamClosed, httpx.ReadError):
-                if len(stream.deltas) != disconnect_after:
-                    raise
-        return stream
+        return await self.read_events(
+            "POST",
+            f"/v1/conversations/{conversation_id}/messages",
+            json=body,
+            until=None if disconnect_after is None else _after_deltas(disconnect_after),
+            on_delta=on_delta,
+            into=into,
+        )
 
     async def stream_until(
         self,

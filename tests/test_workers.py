@@ -20,7 +20,6 @@ from typing import Any
 import httpx
 import pytest
 import trio
-from httpx_sse import aconnect_sse
 
 from tests.processes import Hypercorn, chatsrv_environment, start_hypercorn
 from tests.server import ApiClient, Stream
@@ -126,18 +125,12 @@ async def test_a_client_resumed_on_the_other_process_keeps_the_turn_going(
     async with two_servers(tmp_path, postgresql_url, upstream) as (one, two, servers):
         conversation_id = await one.new_conversation()
         with trio.fail_after(30):
-            gone = Stream(0)
-            async with aconnect_sse(
-                one.client,
+            gone = await one.read_events(
                 "POST",
                 f"/v1/conversations/{conversation_id}/messages",
                 json={"content": "hi", "on_disconnect": {"grace_s": 1}},
-            ) as source:
-                with contextlib.suppress(httpx.StreamClosed, httpx.ReadError):
-                    async for event in source.aiter_sse():
-                        gone.events.append(event)
-                        if len(gone.deltas) == 3:
-                            await source.response.aclose()
+                until=lambda stream: len(stream.deltas) == 3,
+            )
             resumed = await two.resume(gone.message_id, gone.ids[-1])
     assert gone.text + resumed.text == TEXT
     assert resumed.done is not None

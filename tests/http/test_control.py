@@ -7,14 +7,12 @@ gated fake upstream (tokens go out as the test releases them); every test has a 
 
 from __future__ import annotations
 
-import contextlib
 from functools import partial
 from typing import Any
 
 import httpx
 import pytest
 import trio
-from httpx_sse import aconnect_sse
 
 from tests.server import Chatsrv, StartChatsrv, Stream
 
@@ -85,21 +83,12 @@ async def test_cancel_of_no_reply_is_a_404(chatsrv: Chatsrv, upstream: Any) -> N
 async def leave_after_first_delta(
     chatsrv: Chatsrv, conversation_id: str, on_disconnect: Any
 ) -> Stream:
-    stream = Stream(0)
-    async with aconnect_sse(
-        chatsrv.client,
+    stream = await chatsrv.read_events(
         "POST",
         f"/v1/conversations/{conversation_id}/messages",
         json={"content": "hi", "on_disconnect": on_disconnect},
-    ) as source:
-        stream.status_code = source.response.status_code
-        try:
-            async for event in source.aiter_sse():
-                stream.events.append(event)
-                if event.event == "delta":
-                    await source.response.aclose()
-        except (httpx.StreamClosed, httpx.ReadError):
-            pass
+        until=lambda stream: bool(stream.deltas),
+    )
     assert stream.deltas, stream.events
     return stream
 
@@ -238,15 +227,15 @@ async def end_early(start_chatsrv: StartChatsrv, upstream: Any, how: str) -> tup
     return chatsrv, message_id
 
 
-async def continue_reply(chatsrv: Chatsrv, message_id: str, **body: Any) -> Stream:
-    stream = Stream(0)
-    async with aconnect_sse(
-        chatsrv.client, "POST", f"/v1/messages/{message_id}/continue", json=body
-    ) as source:
-        stream.status_code = source.response.status_code
-        async for event in source.aiter_sse():
-            stream.events.append(event)
-    return stream
+async def continue_reply(
+    chatsrv: Chatsrv, message_id: str, *, leave_at_first_delta: bool = False, **body: Any
+) -> Stream:
+    return await chatsrv.read_events(
+        "POST",
+        f"/v1/messages/{message_id}/continue",
+        json=body,
+        until=(lambda stream: bool(stream.deltas)) if leave_at_first_delta else None,
+    )
 
 
 @pytest.mark.parametrize("how", ["interrupted", "cancelled", "timed_out", "failed"])
@@ -309,15 +298,7 @@ async def test_a_continuation_cut_short_keeps_what_its_client_got(
     upstream.script.gated = True
     with trio.fail_after(20):
         upstream.release(2)
-        gone = Stream(0)
-        async with aconnect_sse(
-            chatsrv.client, "POST", f"/v1/messages/{message_id}/continue", json={}
-        ) as source:
-            with contextlib.suppress(httpx.StreamClosed, httpx.ReadError):
-                async for event in source.aiter_sse():
-                    gone.events.append(event)
-                    if event.event == "delta":
-                        await source.response.aclose()
+        gone = await continue_reply(chatsrv, message_id, leave_at_first_delta=True)
         await chatsrv.wait_finished(message_id)
     stored = await chatsrv.message(message_id)
     assert (stored["status"], stored["stop_reason"]) == ("interrupted", "client_disconnected")

@@ -16,7 +16,6 @@ from typing import Any
 import httpx
 import pytest
 import trio
-from httpx_sse import aconnect_sse
 
 from tests.server import Chatsrv, StartChatsrv, Stream
 
@@ -163,25 +162,9 @@ async def test_a_running_reply_resumes_live_at_random_offsets(
 
 async def resume_until(chatsrv: Chatsrv, message_id: str, after: int, target: int) -> Stream:
     """Resume after ``after``, read until the delta with id ``target``, then leave."""
-    stream = Stream(0)
-    async with aconnect_sse(
-        chatsrv.client,
-        "GET",
-        f"/v1/messages/{message_id}/events",
-        headers={"Last-Event-ID": str(after)},
-    ) as source:
-        stream.status_code = source.response.status_code
-        try:
-            async for event in source.aiter_sse():
-                stream.events.append(event)
-                if event.event == "delta" and int(event.id) >= target:
-                    # Closing the response mid-body unwinds httpx's generators (see
-                    # ApiClient.stream), where breaking out would leave them unclosed.
-                    await source.response.aclose()
-        except (httpx.StreamClosed, httpx.ReadError):
-            if not stream.deltas or int(stream.deltas[-1].id) < target:
-                raise
-    return stream
+    return await chatsrv.resume(
+        message_id, after, until=lambda stream: bool(stream.ids) and stream.ids[-1] >= target
+    )
 
 
 async def test_an_offset_past_a_running_reply_is_a_400(chatsrv: Chatsrv, upstream: Any) -> None:
@@ -282,18 +265,12 @@ async def post_keyed(
     headers = {"Idempotency-Key": key}
     if after is not None:
         headers["Last-Event-ID"] = str(after)
-    stream = Stream(0)
-    async with aconnect_sse(
-        chatsrv.client,
+    return await chatsrv.read_events(
         "POST",
         f"/v1/conversations/{conversation_id}/messages",
         json={"content": "hi"},
         headers=headers,
-    ) as source:
-        stream.status_code = source.response.status_code
-        async for event in source.aiter_sse():
-            stream.events.append(event)
-    return stream
+    )
 
 
 async def test_a_retry_of_a_running_turn_attaches_to_it(chatsrv: Chatsrv, upstream: Any) -> None:
