@@ -61,8 +61,13 @@ async def test_the_published_contract_holds_under_fuzzing(
                 "--no-color",
             ]
             with trio.fail_after(90):
+                # In tmp_path: schemathesis keeps a cache in its working directory.
                 run = await trio.run_process(
-                    command, capture_stdout=True, stderr=subprocess.STDOUT, check=False
+                    command,
+                    cwd=tmp_path,
+                    capture_stdout=True,
+                    stderr=subprocess.STDOUT,
+                    check=False,
                 )
             server.process.send_signal(signal.SIGTERM)
             with trio.fail_after(20):
