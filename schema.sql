@@ -1,17 +1,39 @@
--- chatsrv's schema: the canonical definition, applied unchanged to PostgreSQL and to SQLite.
+-- chatsrv's schema at the newest migration (chatsrv/store/migrations), for readers: chatsrv makes
+-- and upgrades a database with the migrations (`chatsrv db upgrade`), and a test fails when this
+-- file and they disagree. The same text holds on PostgreSQL and on SQLite.
 --
--- The store splits this file on semicolons and runs each statement on its own, so no statement
--- and no comment may contain one. Every statement is idempotent (IF NOT EXISTS). The application
--- sets every timestamp (strictly increasing within a process) and every id: there are no
--- defaults. SQLite accepts the PostgreSQL type names. Ids are stored there as canonical dashed
--- UUID strings, which its NUMERIC affinity for the name UUID leaves as text.
+-- No statement and no comment may contain a semicolon (tools split this file on them). The
+-- application sets every timestamp (strictly increasing within a process) and every id: there
+-- are no defaults. SQLite accepts the PostgreSQL type names. Ids are stored there as canonical
+-- dashed UUID strings, which its NUMERIC affinity for the name UUID leaves as text.
+
+-- Whom conversations belong to. The user 'local' (id 00000000-0000-0000-0000-000000000000) is
+-- every request when CHATSRV_AUTH=off, and owns the conversations made before users existed.
+CREATE TABLE IF NOT EXISTS users (
+    id UUID PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    created_at TIMESTAMPTZ NOT NULL
+);
+
+-- API keys: only a keyed hash of each is stored (chatsrv/_keys.py says why that is enough).
+CREATE TABLE IF NOT EXISTS api_keys (
+    id TEXT PRIMARY KEY,
+    user_id UUID NOT NULL REFERENCES users (id),
+    digest TEXT NOT NULL UNIQUE,
+    created_at TIMESTAMPTZ NOT NULL,
+    revoked_at TIMESTAMPTZ NULL
+);
+
+CREATE INDEX IF NOT EXISTS api_keys_user
+    ON api_keys (user_id);
 
 CREATE TABLE IF NOT EXISTS conversations (
     id UUID PRIMARY KEY,
     title TEXT NULL,
     model TEXT NULL,
     system_prompt TEXT NULL,
-    created_at TIMESTAMPTZ NOT NULL
+    created_at TIMESTAMPTZ NOT NULL,
+    user_id UUID NOT NULL REFERENCES users (id)
 );
 
 -- One row per message. An assistant row is inserted as 'streaming' before the first byte of its
@@ -52,6 +74,6 @@ CREATE INDEX IF NOT EXISTS messages_streaming
 CREATE UNIQUE INDEX IF NOT EXISTS messages_idempotency
     ON messages (conversation_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
 
--- Newest conversations first.
-CREATE INDEX IF NOT EXISTS conversations_created
-    ON conversations (created_at, id);
+-- A user's conversations, newest first.
+CREATE INDEX IF NOT EXISTS conversations_of_user
+    ON conversations (user_id, created_at, id);

@@ -29,7 +29,7 @@ import trio
 from httpx_sse import aconnect_sse
 
 from bench._pg import DEFAULT_SERVER, fresh_database
-from bench._proc import Upstream, running_server
+from bench._proc import MAX_STREAMS_PER_USER, Upstream, running_server
 from bench._script import Script, reply
 
 
@@ -161,6 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "CHATSRV_LLM_BASE_URL": upstream.url,
                 "CHATSRV_LLM_API_KEY": "bench",
                 "CHATSRV_LOG_LEVEL": "WARNING",
+                "CHATSRV_MAX_STREAMS_PER_USER": MAX_STREAMS_PER_USER,
             }
             with (
                 running_server(

@@ -69,6 +69,7 @@ def chatsrv_env(target: Target) -> dict[str, str]:
         CHATSRV_LLM_API_KEY="bench",
         CHATSRV_LLM_MODEL="bench-model",
         CHATSRV_LLM_MAX_RETRIES="0",
+        CHATSRV_MAX_STREAMS_PER_USER=_proc.MAX_STREAMS_PER_USER,
         # Keep the local journal (if this chatsrv has one) out of the working tree.
         CHATSRV_JOURNAL_DIR=str(target.scratch / "journal"),
     )

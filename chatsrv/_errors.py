@@ -9,11 +9,15 @@ or the provider ever sees a foreign exception type::
     │   ├── InvalidRequest      400 malformed JSON, 422 a body that does not validate
     │   └── NotFound            404 unknown conversation, message or route
     │   ├── NotContinuable      409 a reply that cannot be continued (it is complete or streams)
-    │   └── ExistingTurn        an Idempotency-Key names a turn already started: the route
+    │   ├── ExistingTurn        an Idempotency-Key names a turn already started: the route
     │                           streams that turn instead (409 only if it ever escaped)
+    │   ├── Unauthorized        401 a missing, unknown or revoked API key
+    │   └── TooManyStreams      429 the user streams CHATSRV_MAX_STREAMS_PER_USER replies already
     ├── ServiceUnavailable      503 the server is draining and starts no new turn
+    ├── UnsafeSettings          the settings would expose chatsrv: it does not start
     ├── StoreError              the database failed; a turn's persister gives up on it
-    │   └── StoreUnavailable    transient (connection lost or refused, locked, timed out): retry
+    │   ├── StoreUnavailable    transient (connection lost or refused, locked, timed out): retry
+    │   └── SchemaMismatch      the database's schema is not this chatsrv's: chatsrv does not start
     └── UpstreamError           the model upstream refused or broke; ``code`` names how
 
 Before the SSE headers are sent an error is an HTTP status with the body
@@ -93,9 +97,34 @@ class ExistingTurn(RequestError):
         return body
 
 
+class Unauthorized(RequestError):
+    """No API key, or one that is unknown or revoked (``WWW-Authenticate: Bearer``)."""
+
+    code = "unauthorized"
+    status = 401
+
+
+class TooManyStreams(RequestError):
+    """The user's replies streaming now are as many as ``CHATSRV_MAX_STREAMS_PER_USER``; the turn
+    was not started and nothing was written."""
+
+    code = "too_many_streams"
+    status = 429
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"at most {limit} replies may stream at once for one user; retry later")
+
+
 class ServiceUnavailable(ChatsrvError):
     code = "unavailable"
     status = 503
+
+
+class UnsafeSettings(ChatsrvError):
+    """The settings would expose every conversation (no API keys on a non-loopback address);
+    chatsrv refuses to start, and the message says what to change."""
+
+    code = "unsafe_settings"
 
 
 class StoreError(ChatsrvError):
@@ -110,6 +139,13 @@ class StoreUnavailable(StoreError):
 
     code = "storage_unavailable"
     status = 503
+
+
+class SchemaMismatch(StoreError):
+    """The database's schema is behind this chatsrv's (and may not be upgraded automatically),
+    or ahead of it; the message says what to run."""
+
+    code = "schema_mismatch"
 
 
 class UpstreamError(ChatsrvError):

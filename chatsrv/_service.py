@@ -29,7 +29,7 @@ from .engine import (
     recover_forever,
     replay,
 )
-from .http import keep_alive
+from .http import Authenticator, keep_alive
 from .store import Store
 from .upstream import open_provider
 
@@ -41,6 +41,7 @@ class Service:
     journal: Journal
     engine: TurnEngine
     peers: Peers
+    authenticator: Authenticator
     # Set when everything is closed: the engine drained, the provider and the store closed.
     closed: trio.Event = field(default_factory=trio.Event)
     _stop: trio.Event = field(default_factory=trio.Event)
@@ -64,6 +65,7 @@ async def run_service(
                 settings.database_url,
                 pool_size=settings.db_pool_size,
                 timeout_s=settings.db_timeout_s,
+                upgrade=settings.upgrades_schema,
             ) as store,
             _open_journal(settings, instance_id) as journal,
             open_provider(settings) as provider,
@@ -71,7 +73,8 @@ async def run_service(
             persister = Persister(store, journal, settings, owner=instance_id)
             engine = TurnEngine(store, provider, persister, settings, owner=instance_id)
             peers = Peers(engine, store, settings)
-            service = Service(settings, store, journal, engine, peers)
+            authenticator = Authenticator(store, keys=settings.auth == "keys")
+            service = Service(settings, store, journal, engine, peers, authenticator)
             async with trio.open_nursery() as nursery:
                 await nursery.start(engine.serve)
                 every = settings.sweep_interval_s

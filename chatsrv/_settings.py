@@ -27,10 +27,19 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
+    # Who may call the API. "keys": every request but the health checks and the API's
+    # description carries `Authorization: Bearer <key>` (`chatsrv keys create --user NAME`), and
+    # sees only its user's conversations. "off": every request is the one user 'local', and
+    # chatsrv refuses to serve on an address other than loopback.
+    auth: Literal["keys", "off"] = "off"
+
     # The database: PostgreSQL (postgresql://, postgresql+asyncpg://) or SQLite (sqlite:///path).
     database_url: str = DEFAULT_DATABASE_URL
     db_pool_size: int = Field(default=10, ge=1)
     db_timeout_s: float = Field(default=10.0, gt=0)
+    # Apply the migrations a database lacks when chatsrv starts (else it refuses to start and
+    # says to run `chatsrv db upgrade`). Unset: yes on SQLite, no on PostgreSQL.
+    db_auto_upgrade: bool | None = None
 
     # The upstream. "auto" picks "openai" when a base URL or an API key is set, else "demo".
     llm_provider: Literal["auto", "openai", "demo"] = "auto"
@@ -54,6 +63,8 @@ class Settings(BaseSettings):
     max_message_chars: int = Field(default=100_000, ge=1)
     # Turns running at once in one process (a worker); one more is refused with 503.
     max_active_turns: int = Field(default=500, ge=1)
+    # Replies of one user streaming at once, on every process; one more is refused with 429.
+    max_streams_per_user: int = Field(default=20, ge=1)
     # When a reply's last client leaves: "cancel" stops it, "finish" lets it run to its end, a
     # number of seconds waits that long for a client to resume it, then stops it. A request's
     # "on_disconnect" overrides it.
@@ -104,6 +115,13 @@ class Settings(BaseSettings):
         if url.startswith(("postgresql+asyncpg://", "sqlite+aiosqlite://")):
             return url
         raise ValueError("CHATSRV_DATABASE_URL must be a postgresql:// or sqlite:// URL")
+
+    @property
+    def upgrades_schema(self) -> bool:
+        """Whether chatsrv applies missing migrations when it starts."""
+        if self.db_auto_upgrade is not None:
+            return self.db_auto_upgrade
+        return self.database_url.startswith("sqlite")
 
     @property
     def provider(self) -> Literal["openai", "demo"]:

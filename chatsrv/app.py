@@ -22,14 +22,17 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from . import __version__
-from ._errors import ChatsrvError, StoreError
+from ._errors import ChatsrvError, StoreError, Unauthorized
 from ._service import Service, run_service
 from ._settings import Settings
 from .http import (
+    CHALLENGE,
     api,
     closing_connections,
     publish_contract,
+    refuse_keyless,
     watch_worker_shutdown,
+    worker_binds,
     worker_shutdown_event,
 )
 
@@ -55,7 +58,7 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
     app.config["JSON_SORT_KEYS"] = False
     app.extensions["chatsrv.settings"] = settings
     app.register_blueprint(api)
-    publish_contract(app, version=__version__)
+    publish_contract(app, version=__version__, keys=settings.auth == "keys")
     if settings.cors_origins:
         # chatsrv sets no cookies: no credentials mode.
         cors(
@@ -72,6 +75,9 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
 
     @app.before_serving
     async def start_service() -> None:
+        binds = worker_binds()  # None unless hypercorn's master started this process
+        if settings.auth == "off" and binds is not None:
+            refuse_keyless(binds)
         service: Service = await app.nursery.start(run_service, settings)
         app.extensions["chatsrv"] = service
         # Everything loaded so far lives as long as the process: move it out of the collector's
@@ -97,6 +103,10 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
 
     @app.errorhandler(ChatsrvError)
     async def chatsrv_error(error: ChatsrvError) -> Response:
+        if isinstance(error, Unauthorized):
+            response = _error_response(error.status, error.to_json())
+            response.headers["WWW-Authenticate"] = CHALLENGE
+            return response
         if not isinstance(error, StoreError):
             return _error_response(error.status, error.to_json())
         # A driver's message is for the operator: it goes to the log, once, and the client gets
@@ -128,9 +138,14 @@ def _stop_bound(settings: Settings) -> float:
 
 def _error_response(status: int, body: dict[str, Any]) -> Response:
     response = Response(orjson.dumps(body), status=status, mimetype="application/json")
-    if status == 503:
-        response.headers["Retry-After"] = "5"
+    if status in _RETRY_AFTER:
+        response.headers["Retry-After"] = _RETRY_AFTER[status]
     return response
+
+
+# When a client may try again: a user at their stream limit soon, a server that is full or
+# draining (or whose database is away) a little later.
+_RETRY_AFTER = {429: "2", 503: "5"}
 
 
 def _configure_logging(settings: Settings) -> None:

@@ -26,7 +26,7 @@ import asyncpg
 import pytest
 from sqlalchemy.engine import make_url
 
-from chatsrv.store import Store
+from chatsrv.store import LOCAL_USER_ID, Store
 from tests.embedded_postgres import DATABASE_URL_VARIABLE, embedded_postgresql
 
 
@@ -127,11 +127,16 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite+aiosqlite:///{tmp_path / 'chatsrv.db'}"
     url: str = request.getfixturevalue("postgresql_url")
-    # One database per session, emptied before each test that uses it.
+    # One database per session, emptied before each test that uses it: every row but the user
+    # 'local', which the migrations create once and every request is when CHATSRV_AUTH=off.
     run_asyncpg(
         plain_url(url),
-        "DO $$ BEGIN IF to_regclass('messages') IS NOT NULL THEN "
-        "TRUNCATE messages, conversations; END IF; END $$",
+        "DO $$ BEGIN "
+        "IF to_regclass('messages') IS NOT NULL THEN TRUNCATE messages, conversations; END IF; "
+        "IF to_regclass('api_keys') IS NOT NULL THEN TRUNCATE api_keys; END IF; "
+        "IF to_regclass('users') IS NOT NULL THEN "
+        f"DELETE FROM users WHERE id <> '{LOCAL_USER_ID}'; END IF; "
+        "END $$",
     )
     return url
 

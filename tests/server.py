@@ -237,12 +237,13 @@ class Chatsrv(ApiClient):
     async def wait_attached(self, message_id: str, relays: int) -> None:
         """Wait until ``relays`` clients stream the turn writing ``message_id`` (bounded by the
         caller; the requests' database calls run on another thread, hence the polling)."""
-        while (turn := self.service.engine.turn(message_id)) is None or turn.relays < relays:  # noqa: ASYNC110
+        engine = self.service.engine
+        while (turn := engine.turn(message_id, user=None)) is None or turn.relays < relays:  # noqa: ASYNC110
             await trio.sleep(0.01)
 
     async def wait_finished(self, message_id: str) -> None:
         """Wait until the turn writing ``message_id`` has made its final commit."""
-        turn = self.service.engine.turn(message_id)
+        turn = self.service.engine.turn(message_id, user=None)
         if turn is not None:
             await turn.finished.wait()
 

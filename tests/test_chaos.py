@@ -116,7 +116,7 @@ async def test_database_unreachable_for_five_seconds_mid_stream(
             stream = await chatsrv.stream_until(
                 nursery, conversation_id, lambda s: len(s.deltas) == 20
             )
-            turn = chatsrv.service.engine.turn(stream.message_id)
+            turn = chatsrv.service.engine.turn(stream.message_id, user=None)
             assert turn is not None
             checkpoint_failed = f"turn {stream.message_id}: checkpoint failed"
             failed_before = persister_log.count(checkpoint_failed)

@@ -36,6 +36,7 @@ CONFINED = {
     "sqlalchemy": "store",
     "asyncpg": "store",
     "aiosqlite": "store",
+    "alembic": "store",
     "openai": "upstream",
     "httpx2": "upstream",
     "h11": "upstream",
@@ -161,7 +162,8 @@ def test_the_app_with_the_demo_model_does_not_import_the_sdk() -> None:
 
 
 def test_the_schema_shipped_in_the_package_is_the_repositorys() -> None:
-    # chatsrv/store/schema.sql is what an installed chatsrv applies; it links to the root's.
+    # chatsrv/store/schema.sql is the schema written out, shipped in the package for readers;
+    # it links to the root's.
     shipped = PACKAGE / "store" / "schema.sql"
     assert shipped.read_text(encoding="utf-8") == (PACKAGE.parent / "schema.sql").read_text(
         encoding="utf-8"

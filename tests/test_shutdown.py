@@ -19,7 +19,7 @@ import httpx
 import pytest
 import trio
 
-from chatsrv.store import Store
+from chatsrv.store import LOCAL_USER_ID, Store
 from tests.processes import chatsrv_environment, start_hypercorn
 from tests.server import ApiClient, Stream
 
@@ -100,7 +100,7 @@ async def test_sigterm_commits_every_streaming_reply(
 
     with trio.fail_after(10):
         async with Store.open(database_url) as store:
-            stored = {cid: await store.list_messages(cid) for cid in streams}
+            stored = {cid: await store.list_messages(cid, user=LOCAL_USER_ID) for cid in streams}
     for conversation_id, stream in streams.items():
         messages = stored[conversation_id]
         assert messages is not None

@@ -64,7 +64,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
@@ -94,6 +94,8 @@ _RELAY_ATTACH_S = 10.0
 class TurnRequest:
     conversation_id: str
     content: str
+    # Whose turn it is: the conversation must be theirs, and it counts against their streams.
+    user: str = field(kw_only=True)
     model: str | None = None  # else the conversation's, else the configured default
     idempotency_key: str | None = None
     # The disconnect policy: how long the turn goes on once its last client has left, waiting
@@ -103,10 +105,10 @@ class TurnRequest:
     continues: str | None = None
 
     @classmethod
-    def continuation(cls, message_id: str, *, disconnect_grace_s: float) -> TurnRequest:
+    def continuation(cls, message_id: str, *, user: str, disconnect_grace_s: float) -> TurnRequest:
         """Continue the assistant message ``message_id``, which ended early; its conversation,
         model and prompt come from the store."""
-        return cls("", "", continues=message_id, disconnect_grace_s=disconnect_grace_s)
+        return cls("", "", user=user, continues=message_id, disconnect_grace_s=disconnect_grace_s)
 
 
 # A continued reply's prompt ends with what it held, as the assistant's, and then this.
@@ -155,9 +157,13 @@ class TurnEngine:
     def accepting(self) -> bool:
         return self._nursery is not None and not self._drain_requested.is_set()
 
-    def turn(self, message_id: str) -> Turn | None:
-        """The running turn that writes this assistant message, if there is one."""
-        return self._turns.get(message_id)
+    def turn(self, message_id: str, *, user: str | None) -> Turn | None:
+        """The running turn that writes this assistant message, if there is one and it is
+        ``user``'s (``None``: anyone's)."""
+        turn = self._turns.get(message_id)
+        if turn is None or (user is not None and turn.user != user):
+            return None
+        return turn
 
     def running(self) -> list[str]:
         """The assistant message ids of the turns running now."""
@@ -167,11 +173,12 @@ class TurnEngine:
         """The turns running now."""
         return list(self._turns.values())
 
-    async def cancel(self, message_id: str) -> Turn | None:
-        """Stop the turn writing this assistant message, if it runs here, as ``cancelled``/
-        ``user_cancelled`` (unless it has already ended otherwise); return it once its reply
-        is saved (or journaled), or None if no such turn runs here."""
-        turn = self._turns.get(message_id)
+    async def cancel(self, message_id: str, *, user: str | None) -> Turn | None:
+        """Stop the turn writing this assistant message, if it runs here and is ``user``'s
+        (``None``: anyone's), as ``cancelled``/``user_cancelled`` (unless it has already ended
+        otherwise); return it once its reply is saved (or journaled), or None if no such turn
+        runs here."""
+        turn = self.turn(message_id, user=user)
         if turn is None:
             await trio.lowlevel.checkpoint()
             return None
@@ -211,10 +218,11 @@ class TurnEngine:
     async def start_turn(self, request: TurnRequest) -> Turn:
         """Insert the user and assistant rows and start the turn; return it once it runs.
 
-        Raises NotFound for an unknown conversation (nothing written), ExistingTurn when the
-        request's Idempotency-Key names a turn already started, ServiceUnavailable when draining
-        or when ``max_active_turns`` run already (nothing written either way), StoreUnavailable
-        when the database cannot take the turn.
+        Raises NotFound for an unknown conversation or one of another user (nothing written),
+        ExistingTurn when the request's Idempotency-Key names a turn already started,
+        ServiceUnavailable when draining or when ``max_active_turns`` run already, TooManyStreams
+        when the user streams ``max_streams_per_user`` replies already (nothing written in
+        either case), StoreUnavailable when the database cannot take the turn.
         """
         unavailable = ServiceUnavailable("the server is shutting down; retry on another instance")
         if not self.accepting:
@@ -285,19 +293,26 @@ class TurnEngine:
         """Insert the turn's rows; the Turn, and the prompt's messages."""
         # Shielded so that a shutdown arriving mid-insert cannot leave behind a 'streaming' row
         # that no turn owns; bounded because a shield without a deadline could hang shutdown.
-        with trio.move_on_after(self._settings.db_timeout_s, shield=True) as starting:
+        settings = self._settings
+        with trio.move_on_after(settings.db_timeout_s, shield=True) as starting:
             if request.continues is not None:
                 begun = await self._store.begin_continuation(
-                    request.continues, owner=self.owner, lease_s=self._settings.lease_s
+                    request.continues,
+                    user=request.user,
+                    owner=self.owner,
+                    lease_s=settings.lease_s,
+                    max_streams=settings.max_streams_per_user,
                 )
             else:
                 begun = await self._store.begin_turn(
                     request.conversation_id,
+                    user=request.user,
                     content=request.content,
                     model=request.model,
-                    default_model=self._settings.model,
+                    default_model=settings.model,
                     owner=self.owner,
-                    lease_s=self._settings.lease_s,
+                    lease_s=settings.lease_s,
+                    max_streams=settings.max_streams_per_user,
                     idempotency_key=request.idempotency_key,
                 )
         if starting.cancelled_caught:
@@ -310,6 +325,7 @@ class TurnEngine:
             raise ExistingTurn(begun.user_message, begun.assistant_message)
         turn = Turn(
             conversation_id=begun.assistant_message["conversation_id"],
+            user=request.user,
             user_message_id=begun.user_message["id"],
             message_id=begun.assistant_message["id"],
             model=begun.assistant_message["model"] or self._settings.model,

@@ -135,7 +135,7 @@ class Follower:
                 if final or now >= next_poll:
                     next_poll = now + poll_s
                     try:
-                        stored = await self._store.get_message(self._id)
+                        stored = await self._store.get_message(self._id, user=None)
                     except StoreError as exc:  # the database blinked: read it next time
                         log.warning("reply %s: could not read it: %s", self._id, exc)
                         continue

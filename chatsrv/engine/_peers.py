@@ -56,11 +56,12 @@ class Peers:
             sweeper=self._engine.owner,
         )
 
-    async def cancel(self, message_id: str) -> Message | None:
-        """Cancel a reply wherever it streams; return the message once final (or as it is, if
-        its owner cannot be reached), None if there is no such assistant message."""
-        if await self._engine.cancel(message_id) is None:  # not a turn of this process
-            message = await self._store.request_cancel(message_id)
+    async def cancel(self, message_id: str, *, user: str) -> Message | None:
+        """Cancel a reply of ``user``'s wherever it streams; return the message once final (or
+        as it is, if its owner cannot be reached), None if ``user`` has no such assistant
+        message."""
+        if await self._engine.cancel(message_id, user=user) is None:  # not a turn run here
+            message = await self._store.request_cancel(message_id, user=user)
             if message is None or message["role"] != "assistant":
                 return None
             if message["status"] == "streaming":
@@ -72,13 +73,14 @@ class Peers:
                         pass
                 finally:
                     await updates.aclose()
-        return await self._store.get_message(message_id)
+        return await self._store.get_message(message_id, user=user)
 
-    async def running_replies(self) -> list[RunningReply]:
-        """Every reply streamed now by a live process, this one's with their exact offsets."""
-        replies = await self._store.running_replies()
+    async def running_replies(self, *, user: str) -> list[RunningReply]:
+        """The user's replies streamed now by a live process, this one's with their exact
+        offsets."""
+        replies = await self._store.running_replies(user=user)
         for reply in replies:
-            turn = self._engine.turn(reply["message_id"])
+            turn = self._engine.turn(reply["message_id"], user=user)
             if turn is not None:
                 reply["offset"] = turn.length
         return replies
@@ -115,7 +117,8 @@ class Peers:
             log.warning("ignored a control message that is not JSON: %.80r", payload)
             return
         message_id = request.get("tail") or request.get("cancel")
-        turn = self._engine.turn(message_id) if isinstance(message_id, str) else None
+        # Asked by another process, which has checked whose reply it is.
+        turn = self._engine.turn(message_id, user=None) if isinstance(message_id, str) else None
         if turn is None:
             return  # another process's turn, or one that has ended
         if "cancel" in request:
@@ -155,7 +158,7 @@ class Peers:
                 log.exception("reading cancel requests failed")
                 continue
             for message_id in requested:
-                turn = self._engine.turn(message_id)
+                turn = self._engine.turn(message_id, user=None)
                 if turn is not None:
                     _cancelled_elsewhere(turn)
 

@@ -55,6 +55,7 @@ class Turn:
         self,
         *,
         conversation_id: str,
+        user: str,
         user_message_id: str,
         message_id: str,
         model: str,
@@ -65,6 +66,7 @@ class Turn:
         on_deserted: Callable[[Turn], None] | None = None,
     ) -> None:
         self.conversation_id = conversation_id
+        self.user = user  # whose conversation it is
         self.user_message_id = user_message_id
         self.message_id = message_id
         self.model = model

@@ -56,9 +56,11 @@ EVENTS: Final = """Server-Sent Events, in this order:
 _ERRORS: Final = {
     "400": "malformed JSON, or a malformed header (Idempotency-Key, Last-Event-ID)",
     "404": "no such conversation or message",
+    "401": "no API key, or one that is unknown or revoked (WWW-Authenticate: Bearer)",
     "409": "the reply cannot be continued",
     "413": "the body is larger than any valid message",
     "422": "a body that does not validate",
+    "429": "the user's replies streaming now are at CHATSRV_MAX_STREAMS_PER_USER (Retry-After)",
     "503": "draining, at the turn limit, or the database does not answer (Retry-After)",
 }
 
@@ -154,13 +156,30 @@ def _errors_of(method: str, path: str, operation: dict[str, Any]) -> list[str]:
         codes.append("400")
     if path.endswith("/continue"):
         codes.append("409")
+    if (method, path) in STREAMS and method == "post":
+        codes.append("429")
     return codes
 
 
+# The routes anyone may call, with or without a key.
+PUBLIC: Final = {("get", "/healthz"), ("get", "/readyz")}
+
+
 class _Provider(OpenAPIProvider):
+    keys = False  # whether the server asks for API keys (publish_contract sets it)
+
     def schema(self) -> dict[str, Any]:
         spec = super().schema()
         spec["components"]["schemas"]["Error"] = _ERROR_SCHEMA
+        if self.keys:
+            spec["components"]["securitySchemes"] = {
+                "apiKey": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "a key from `chatsrv keys create --user NAME`",
+                }
+            }
+            spec["security"] = [{"apiKey": []}]
         error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
         for path, operations in spec["paths"].items():
             for method, operation in operations.items():
@@ -176,7 +195,12 @@ class _Provider(OpenAPIProvider):
                 if method == "delete":
                     responses.pop("200", None)
                     responses["204"] = {"description": "deleted"}
-                for code in _errors_of(method, path, operation):
+                codes = _errors_of(method, path, operation)
+                if self.keys and (method, path) in PUBLIC:
+                    operation["security"] = []
+                elif self.keys:
+                    codes.append("401")
+                for code in codes:
                     responses.setdefault(code, {"description": _ERRORS[code], "content": error})
         for (method, path, code), links in _LINKS.items():
             spec["paths"][path][method]["responses"][code]["links"] = {
@@ -189,8 +213,10 @@ class _Provider(OpenAPIProvider):
         return spec
 
 
-def publish_contract(app: Quart, *, version: str) -> None:
-    """Serve ``/openapi.json`` and the docs page ``/docs`` for ``app``'s routes."""
+def publish_contract(app: Quart, *, version: str, keys: bool) -> None:
+    """Serve ``/openapi.json`` and the docs page ``/docs`` for ``app``'s routes; with ``keys``,
+    every route but the probes says it needs an API key."""
+    provider = type("Provider", (_Provider,), {"keys": keys})
     QuartSchema(
         app,
         openapi_path="/openapi.json",
@@ -198,5 +224,5 @@ def publish_contract(app: Quart, *, version: str) -> None:
         redoc_ui_path=None,
         scalar_ui_path=None,
         info=Info(title="chatsrv", version=version),
-        openapi_provider_class=_Provider,
+        openapi_provider_class=provider,
     )

@@ -25,7 +25,7 @@ import logging
 import multiprocessing
 import signal
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, cast
 
 import trio
 
@@ -40,12 +40,29 @@ class _EventLike(Protocol):
 
 def worker_shutdown_event() -> _EventLike | None:
     """The event hypercorn sets to stop this worker process, if this is a hypercorn worker."""
-    process = multiprocessing.current_process()
-    kwargs = getattr(process, "_kwargs", None)
-    if not isinstance(kwargs, dict):
+    event = _worker_arguments().get("shutdown_event")
+    return cast(_EventLike, event) if callable(getattr(event, "is_set", None)) else None
+
+
+def worker_binds() -> list[str] | None:
+    """The addresses this hypercorn worker's sockets listen on (``host:port``, or a Unix
+    socket's path), read from the sockets hypercorn's master passed it; None if this is not a
+    hypercorn worker process."""
+    sockets = _worker_arguments().get("sockets")
+    if sockets is None:
         return None
-    event = kwargs.get("shutdown_event")
-    return event if callable(getattr(event, "is_set", None)) else None
+    binds = []
+    for name in ("insecure_sockets", "secure_sockets", "quic_sockets"):
+        for sock in getattr(sockets, name, ()):
+            address = sock.getsockname()
+            binds.append(address if isinstance(address, str) else f"{address[0]}:{address[1]}")
+    return binds
+
+
+def _worker_arguments() -> dict[str, object]:
+    """The keyword arguments of this process's target, if hypercorn's master started it."""
+    kwargs = getattr(multiprocessing.current_process(), "_kwargs", None)
+    return kwargs if isinstance(kwargs, dict) else {}
 
 
 async def watch_worker_shutdown(event: _EventLike, on_shutdown: Callable[[], None]) -> None:

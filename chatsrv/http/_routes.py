@@ -1,6 +1,8 @@
 """The HTTP API, v1. Routes parse and validate, call the store or the engine, shape the response.
 
-A request that fails validation is answered before anything is written.
+A request that fails validation is answered before anything is written. Every route but the
+health checks is a user's (``_auth.py``): another user's conversation or message is answered
+exactly as one that does not exist.
 
 A reply's stream can be left and taken up again: ``GET /v1/messages/{id}/events`` resumes it
 after the character offset of ``Last-Event-ID`` (the ids of the delta events) on whichever
@@ -19,7 +21,7 @@ from typing import Any, Literal, Protocol, TypeVar
 import orjson
 import trio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from quart import Blueprint, Response, current_app, request
+from quart import Blueprint, Response, current_app, g, request
 from quart_schema import document_querystring, document_request, document_response
 
 from chatsrv._errors import ExistingTurn, InvalidRequest, NotFound, StoreError
@@ -27,6 +29,7 @@ from chatsrv._settings import Settings
 from chatsrv.engine import Journal, Peers, TurnEngine, TurnRequest
 from chatsrv.store import Conversation, Message, Store
 
+from ._auth import Authenticator
 from ._contract import ConversationList, Health, MessageList, TurnList
 from ._relay import followed, relay, replayed
 
@@ -140,10 +143,30 @@ class Backend(Protocol):
     @property
     def peers(self) -> Peers: ...
 
+    @property
+    def authenticator(self) -> Authenticator: ...
+
 
 def _service() -> Backend:
     service: Backend = current_app.extensions["chatsrv"]
     return service
+
+
+# Routes anyone may call: a load balancer's probes carry no key.
+_PUBLIC = frozenset({"api.healthz", "api.readyz"})
+
+
+@api.before_request
+async def authenticate() -> None:
+    """Find the request's user before any route runs (a CORS preflight has none)."""
+    if request.endpoint in _PUBLIC or request.method == "OPTIONS":
+        return
+    g.chatsrv_user = await _service().authenticator.user(request.headers.get("Authorization"))
+
+
+def _user() -> str:
+    user: str = g.chatsrv_user
+    return user
 
 
 def _json(body: Any, status: int = 200) -> Response:
@@ -186,7 +209,7 @@ async def readyz() -> Response:
 async def create_conversation() -> Response:
     body = await _parse(NewConversation)
     conversation = await _service().store.create_conversation(
-        title=body.title, model=body.model, system=body.system
+        user=_user(), title=body.title, model=body.model, system=body.system
     )
     return _json(conversation, 201)
 
@@ -198,14 +221,14 @@ async def list_conversations() -> Response:
     limit = request.args.get("limit", "100")
     if not limit.isdigit() or not 1 <= int(limit) <= _LIST_MAX:
         raise InvalidRequest(f"limit: must be an integer from 1 to {_LIST_MAX}")
-    conversations = await _service().store.list_conversations(limit=int(limit))
+    conversations = await _service().store.list_conversations(user=_user(), limit=int(limit))
     return _json({"conversations": conversations})
 
 
 @api.get("/v1/conversations/<conversation_id>")
 @document_response(Conversation)
 async def get_conversation(conversation_id: str) -> Response:
-    conversation = await _service().store.get_conversation(conversation_id)
+    conversation = await _service().store.get_conversation(conversation_id, user=_user())
     if conversation is None:
         raise NotFound("conversation not found")
     return _json(conversation)
@@ -213,7 +236,7 @@ async def get_conversation(conversation_id: str) -> Response:
 
 @api.delete("/v1/conversations/<conversation_id>")
 async def delete_conversation(conversation_id: str) -> Response:
-    if not await _service().store.delete_conversation(conversation_id):
+    if not await _service().store.delete_conversation(conversation_id, user=_user()):
         raise NotFound("conversation not found")
     return Response(b"", status=204)
 
@@ -221,7 +244,7 @@ async def delete_conversation(conversation_id: str) -> Response:
 @api.get("/v1/conversations/<conversation_id>/messages")
 @document_response(MessageList)
 async def list_messages(conversation_id: str) -> Response:
-    messages = await _service().store.list_messages(conversation_id)
+    messages = await _service().store.list_messages(conversation_id, user=_user())
     if messages is None:
         raise NotFound("conversation not found")
     return _json({"messages": messages})
@@ -240,6 +263,7 @@ async def post_message(conversation_id: str) -> Response:
         conversation_id,
         body.content,
         body.model,
+        user=_user(),
         idempotency_key=key,
         disconnect_grace_s=_grace_s(body, service.settings),
     )
@@ -273,7 +297,7 @@ async def continue_message(message_id: str) -> Response:
     service = _service()
     body = await _parse(Continuation)
     grace_s = _grace_s(body, service.settings)
-    turn_request = TurnRequest.continuation(message_id, disconnect_grace_s=grace_s)
+    turn_request = TurnRequest.continuation(message_id, user=_user(), disconnect_grace_s=grace_s)
     turn = await service.engine.start_turn(turn_request)
     return _event_stream(relay(turn, after=turn.prefix_length, announce=True))
 
@@ -288,7 +312,7 @@ async def _stream_of(message_id: str, after: int | None) -> Response:
     after character ``after``; live from the turn if it runs here, followed through the
     database if another process runs it, replayed from its row if it has ended."""
     service = _service()
-    turn = service.engine.turn(message_id)
+    turn = service.engine.turn(message_id, user=_user())
     if turn is not None:
         _check_offset(after, turn.length)
         return _event_stream(relay(turn, after=after))
@@ -310,7 +334,7 @@ async def _stream_of(message_id: str, after: int | None) -> Response:
 
 
 async def _assistant_message(message_id: str) -> Message:
-    message = await _service().store.get_message(message_id)
+    message = await _service().store.get_message(message_id, user=_user())
     if message is None or message["role"] != "assistant":
         raise NotFound("message not found")
     return message
@@ -348,7 +372,7 @@ def _check_offset(after: int | None, length: int) -> None:
 async def cancel_message(message_id: str) -> Response:
     """Stop a reply wherever it streams; answer with the message once it is final. A reply that
     has ended already is answered as it is, unchanged."""
-    message = await _service().peers.cancel(message_id)
+    message = await _service().peers.cancel(message_id, user=_user())
     if message is None:
         raise NotFound("message not found")
     return _json(message)
@@ -357,8 +381,8 @@ async def cancel_message(message_id: str) -> Response:
 @api.get("/v1/turns")
 @document_response(TurnList)
 async def list_turns() -> Response:
-    """The replies streaming now, on every process, oldest first."""
-    return _json({"turns": await _service().peers.running_replies()})
+    """The user's replies streaming now, on every process, oldest first."""
+    return _json({"turns": await _service().peers.running_replies(user=_user())})
 
 
 def _idempotency_key() -> str | None:
@@ -382,7 +406,7 @@ def _event_stream(body: AsyncIterator[bytes] | bytes) -> Response:
 @api.get("/v1/messages/<message_id>")
 @document_response(Message)
 async def get_message(message_id: str) -> Response:
-    message = await _service().store.get_message(message_id)
+    message = await _service().store.get_message(message_id, user=_user())
     if message is None:
         raise NotFound("message not found")
     return _json(message)

@@ -23,8 +23,14 @@ from chatsrv._errors import StoreError, StoreUnavailable
 # -- Engine -----------------------------------------------------------------------------------
 
 
-def create_engine(url: str, *, pool_size: int, timeout_s: float) -> AsyncEngine:
-    """The async engine for ``url`` (plain postgresql:// and sqlite:// get the async driver)."""
+def create_engine(
+    url: str, *, pool_size: int, timeout_s: float, foreign_keys: bool = True
+) -> AsyncEngine:
+    """The async engine for ``url`` (plain postgresql:// and sqlite:// get the async driver).
+
+    ``foreign_keys=False`` is for migrations on SQLite, whose procedure for changing a table
+    needs foreign keys off; PostgreSQL always checks them.
+    """
     parsed = make_url(url)
     backend = parsed.get_backend_name()
     # max_overflow=0: pool_size is a hard cap on connections.
@@ -41,7 +47,7 @@ def create_engine(url: str, *, pool_size: int, timeout_s: float) -> AsyncEngine:
         )
     elif backend == "sqlite":
         engine = create_async_engine(parsed.set(drivername="sqlite+aiosqlite"), **pool)
-        configure_sqlite(engine, busy_timeout_ms=round(timeout_s * 1000))
+        configure_sqlite(engine, busy_timeout_ms=round(timeout_s * 1000), foreign_keys=foreign_keys)
     else:
         raise ValueError(f"unsupported database URL {parsed!r}: use postgresql:// or sqlite://")
     ping_when_idle(engine, idle_s=PING_AFTER_IDLE_S)
@@ -80,7 +86,7 @@ def ping_when_idle(engine: AsyncEngine, *, idle_s: float) -> None:
             raise
 
 
-def configure_sqlite(engine: AsyncEngine, *, busy_timeout_ms: int) -> None:
+def configure_sqlite(engine: AsyncEngine, *, busy_timeout_ms: int, foreign_keys: bool) -> None:
     """WAL, a busy timeout and foreign keys on every connection; SQLAlchemy emits BEGIN."""
 
     @event.listens_for(engine.sync_engine, "connect")
@@ -92,7 +98,7 @@ def configure_sqlite(engine: AsyncEngine, *, busy_timeout_ms: int) -> None:
         try:
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
-            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute(f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}")
         finally:
             cursor.close()
 

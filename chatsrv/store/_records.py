@@ -41,6 +41,15 @@ class Message(TypedDict):
     parent_id: str | None  # an assistant message: the user message it answers
 
 
+class ApiKey(TypedDict):
+    """An API key as ``chatsrv keys list`` shows it (the key itself is never stored)."""
+
+    id: str
+    user: str
+    created_at: str
+    revoked_at: str | None
+
+
 class RunningReply(TypedDict):
     """A reply some process is streaming now, as ``GET /v1/turns`` lists it."""
 
@@ -77,6 +86,10 @@ class Clock:
 
 CLOCK: Final = Clock()
 
+# The user every request is when CHATSRV_AUTH=off, named 'local'; it owns the conversations made
+# before chatsrv had users (migration 0003 creates it).
+LOCAL_USER_ID: Final = "00000000-0000-0000-0000-000000000000"
+
 
 def parse_id(value: str) -> str | None:
     """The canonical form of a UUID string, or None if it is not one."""
@@ -89,12 +102,14 @@ def parse_id(value: str) -> str | None:
 @dataclass(frozen=True)
 class NewTurn:
     cid: str
+    user: str
     content: str
     model: str | None
     default_model: str
     owner: str
     lease_s: float
     idempotency_key: str | None
+    max_streams: int
 
 
 def new_message(
@@ -135,6 +150,16 @@ def conversation_record(row: Any) -> Conversation:
         model=row["model"],
         system=row["system_prompt"],
         created_at=iso(row["created_at"]),
+    )
+
+
+def key_record(row: Any) -> ApiKey:
+    revoked = row["revoked_at"]
+    return ApiKey(
+        id=row["id"],
+        user=row["name"],
+        created_at=iso(row["created_at"]),
+        revoked_at=None if revoked is None else iso(revoked),
     )
 
 

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import Row, exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from chatsrv._errors import StoreError
+from chatsrv._errors import StoreError, TooManyStreams
 
 from . import _statements as sql
 from ._records import CLOCK, Message, NewTurn, TurnStart, message_record
@@ -36,7 +36,7 @@ class Starts:
 
     async def begin_turn(self, turn: NewTurn) -> TurnStart | None:
         if turn.idempotency_key is not None:
-            existing = await self._keyed_turn(turn.cid, turn.idempotency_key)
+            existing = await self._keyed_turn(turn.cid, turn.user, turn.idempotency_key)
             if existing is not None:
                 return existing
         try:
@@ -45,38 +45,43 @@ class Starts:
             # Either a concurrent request with the same key inserted its turn first (the unique
             # index), or the conversation was deleted since it was read (the foreign key).
             if turn.idempotency_key is not None:
-                existing = await self._keyed_turn(turn.cid, turn.idempotency_key)
+                existing = await self._keyed_turn(turn.cid, turn.user, turn.idempotency_key)
                 if existing is not None:
                     return existing
             async with self._engine.begin() as conn:
-                if await select_conversation(conn, turn.cid) is None:
+                if await select_conversation(conn, turn.cid, turn.user) is None:
                     return None
             raise
 
     async def _insert_turn(self, turn: NewTurn) -> TurnStart | None:
-        """A turn starts with one read of the conversation and its history, and one INSERT of
-        its two messages: one statement on PostgreSQL (the INSERT rides along in a WITH), two
-        on SQLite. Nothing is locked: a conversation deleted meanwhile fails the INSERT's
-        foreign key check, which :meth:`begin_turn` answers as not found."""
+        """A turn starts with one read of the conversation, its history and how many replies its
+        user streams, and one INSERT of its two messages: one statement on PostgreSQL (the
+        INSERT rides along in a WITH), two on SQLite. Nothing is locked: a conversation deleted
+        meanwhile fails the INSERT's foreign key check, which :meth:`begin_turn` answers as not
+        found. (On PostgreSQL, two turns of one user starting at the same moment may both see
+        room for one more stream: the limit can be passed by the turns that race for it.)"""
         cid = turn.cid
-        read = sql.conversation_and_history(cid)
+        now = CLOCK.now()
+        read = sql.conversation_and_history(cid, turn.user, now)
         # One statement on PostgreSQL; SQLite's two share a transaction.
         async with self._one_statement.begin() as conn:
             if self._postgresql:
                 # The INSERT selects the conversation's row itself, so that it inserts nothing
-                # when there is none; the read's snapshot does not see the new rows. (So a turn
-                # started concurrently in the same conversation may be stored before this one
-                # and still be missing from its prompt.)
+                # when there is none, or no room; the read's snapshot does not see the new
+                # rows. (So a turn started concurrently in the same conversation may be stored
+                # before this one and still be missing from its prompt.)
                 user, assistant = sql.turn_messages(turn, CLOCK.now(), CLOCK.now())
-                insert_turn = sql.insert_messages_of(cid, [user, assistant], turn)
+                insert_turn = sql.insert_messages_of(cid, [user, assistant], turn, now)
                 rows = (await conn.execute(read.add_cte(insert_turn.cte("turn")))).all()
             else:
                 rows = (await conn.execute(read)).all()
                 # Stamped under the write lock, after the read: stored order is prompt order.
                 user, assistant = sql.turn_messages(turn, CLOCK.now(), CLOCK.now())
-            if not rows:
+            if not rows or rows[0][0] != 0:  # no conversation of the user's
                 return None
-            (_, conversation_model, system_prompt), *earlier = rows
+            (_, conversation_model, system_prompt, running), *earlier = rows
+            if running >= turn.max_streams:  # nothing was inserted
+                raise TooManyStreams(turn.max_streams)
             assistant["model"] = sql.reply_model(turn, conversation_model)
             if not self._postgresql:
                 await conn.execute(sql.insert_messages([user, assistant]))
@@ -84,9 +89,9 @@ class Starts:
         history.append({"role": "user", "content": turn.content})
         return TurnStart(message_record(user), message_record(assistant), history)
 
-    async def _keyed_turn(self, cid: str, key: str) -> TurnStart | None:
+    async def _keyed_turn(self, cid: str, user_id: str, key: str) -> TurnStart | None:
         async with self._engine.begin() as conn:
-            conv = await select_conversation(conn, cid)
+            conv = await select_conversation(conn, cid, user_id)
             if conv is None:
                 return None
             assistant = (await conn.execute(sql.keyed_reply(cid, key, CLOCK.now()))).first()
@@ -103,20 +108,28 @@ class Starts:
         )
 
     async def begin_continuation(
-        self, mid: str, owner: str, lease_s: float
+        self, mid: str, user: str, owner: str, lease_s: float, max_streams: int
     ) -> TurnStart | Message | None:
         async with self._writer.begin() as conn:
-            reopened = (await conn.execute(sql.reopen(mid, owner, lease_s, CLOCK.now()))).rowcount
-            row = (await conn.execute(sql.message(mid))).first()
+            row = (await conn.execute(sql.message(mid, user))).first()
             if row is None or row._mapping["role"] != "assistant":
                 return None
-            if not reopened:
-                return message_record(row._mapping)
             reply = row._mapping
+            if reply["status"] not in sql.CONTINUABLE:
+                return message_record(reply)
+            now = CLOCK.now()
             read = sql.conversation_and_history(
-                reply["conversation_id"], before=(reply["created_at"], reply["id"])
+                reply["conversation_id"], user, now, before=(reply["created_at"], reply["id"])
             )
-            (_, _, system_prompt), *earlier = (await conn.execute(read)).all()
+            (_, _, system_prompt, running), *earlier = (await conn.execute(read)).all()
+            if running >= max_streams:
+                raise TooManyStreams(max_streams)
+            if not (await conn.execute(sql.reopen(mid, owner, lease_s, now))).rowcount:
+                # Another request continued it since the read (PostgreSQL; SQLite's write
+                # lock is held from BEGIN): it is as that one left it.
+                row = (await conn.execute(sql.message(mid))).first()
+                assert row is not None, "a message cannot go away inside a transaction"
+                return message_record(row._mapping)
             parent = (await conn.execute(sql.message(reply["parent_id"]))).first()
         if parent is None:  # the schema cannot say so, but nothing deletes one message alone
             raise StoreError(f"the user message of reply {mid} is missing")
@@ -125,16 +138,16 @@ class Starts:
 
 
 def _history(
-    system_prompt: str | None, earlier: Sequence[Row[int, str | None, str | None]]
+    system_prompt: str | None, earlier: Sequence[Row[int, str | None, str | None, int]]
 ) -> list[dict[str, str]]:
     """The prompt's messages from ``conversation_and_history``'s rows after the first."""
     # Typed as nullable by the conversation's columns; a message's role and content never are.
-    history = [{"role": str(role), "content": str(content)} for _, role, content in earlier]
+    history = [{"role": str(role), "content": str(content)} for _, role, content, _ in earlier]
     if system_prompt:
         history.insert(0, {"role": "system", "content": system_prompt})
     return history
 
 
-async def select_conversation(conn: AsyncConnection, cid: str) -> Row[Any] | None:
-    row: Row[Any] | None = (await conn.execute(sql.conversation(cid))).first()
+async def select_conversation(conn: AsyncConnection, cid: str, user: str | None) -> Row[Any] | None:
+    row: Row[Any] | None = (await conn.execute(sql.conversation(cid, user))).first()
     return row

@@ -13,6 +13,7 @@ from sqlalchemy import (
     ColumnElement,
     Delete,
     Insert,
+    ScalarSelect,
     Select,
     Text,
     Update,
@@ -30,7 +31,7 @@ from sqlalchemy import (
 )
 
 from ._records import NewTurn, new_message
-from ._tables import conversations, messages
+from ._tables import api_keys, conversations, messages, users
 
 # How long an Idempotency-Key names its turn.
 IDEMPOTENCY_WINDOW: Final = timedelta(hours=24)
@@ -43,23 +44,27 @@ CONTINUABLE: Final = ("interrupted", "cancelled", "timed_out", "failed")
 
 
 # -- Conversations and messages ------------------------------------------------------------------
+#
+# ``user`` scopes a statement to one user's conversations (a conversation or message of another
+# user is not there); None, for the engine's own reads, to every user's.
 
 
-def conversation(cid: str) -> Select[Any]:
-    return select(conversations).where(conversations.c.id == cid)
+def conversation(cid: str, user: str | None) -> Select[Any]:
+    return select(conversations).where(conversations.c.id == cid, *_of(user))
 
 
-def newest_conversations(limit: int) -> Select[Any]:
+def newest_conversations(user: str, limit: int) -> Select[Any]:
     return (
         select(conversations)
+        .where(conversations.c.user_id == user)
         .order_by(conversations.c.created_at.desc(), conversations.c.id.desc())
         .limit(limit)
     )
 
 
-def delete_conversation(cid: str) -> Delete:
+def delete_conversation(cid: str, user: str) -> Delete:
     """Its messages go with it (ON DELETE CASCADE)."""
-    return delete(conversations).where(conversations.c.id == cid)
+    return delete(conversations).where(conversations.c.id == cid, conversations.c.user_id == user)
 
 
 def messages_of(cid: str) -> Select[Any]:
@@ -70,31 +75,93 @@ def messages_of(cid: str) -> Select[Any]:
     )
 
 
-def message(mid: str) -> Select[Any]:
-    return select(messages).where(messages.c.id == mid)
+def message(mid: str, user: str | None = None) -> Select[Any]:
+    return select(messages).where(messages.c.id == mid, *_message_of(user))
+
+
+def _of(user: str | None) -> list[ColumnElement[bool]]:
+    return [] if user is None else [conversations.c.user_id == user]
+
+
+def _message_of(user: str | None) -> list[ColumnElement[bool]]:
+    if user is None:
+        return []
+    theirs = select(conversations.c.id).where(conversations.c.user_id == user)
+    return [messages.c.conversation_id.in_(theirs)]
+
+
+def running_of(user: str, now: datetime) -> ScalarSelect[int]:
+    """How many replies of ``user``'s conversations stream now (their lease runs)."""
+    theirs = conversations.alias("theirs")  # never correlated with an enclosing statement's
+    return (
+        select(func.count())
+        .select_from(messages.join(theirs, messages.c.conversation_id == theirs.c.id))
+        .where(
+            theirs.c.user_id == user,
+            messages.c.status == "streaming",
+            messages.c.lease_expires_at >= now,
+        )
+        .scalar_subquery()
+    )
+
+
+# -- Users and their keys ------------------------------------------------------------------------
+
+
+def user_named(name: str) -> Select[Any]:
+    return select(users).where(users.c.name == name)
+
+
+def key_owner(digest: str) -> Select[Any]:
+    """The user of the key whose digest this is, unless it was revoked."""
+    return select(api_keys.c.user_id).where(
+        api_keys.c.digest == digest, api_keys.c.revoked_at.is_(None)
+    )
+
+
+def all_keys() -> Select[Any]:
+    return (
+        select(api_keys.c.id, users.c.name, api_keys.c.created_at, api_keys.c.revoked_at)
+        .join(users, api_keys.c.user_id == users.c.id)
+        .order_by(api_keys.c.created_at, api_keys.c.id)
+    )
+
+
+def revoke_key(key_id: str, now: datetime) -> Update:
+    return (
+        update(api_keys)
+        .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
+        .values(revoked_at=now)
+    )
 
 
 # -- A turn's start ------------------------------------------------------------------------------
 
 
 def conversation_and_history(
-    cid: str, *, before: tuple[datetime, str] | None = None
-) -> Select[int, str | None, str | None]:
+    cid: str, user: str, now: datetime, *, before: tuple[datetime, str] | None = None
+) -> Select[int, str | None, str | None, int]:
     """The conversation's model and system prompt, then its messages that have content (those
     ordered before ``before``'s ``(created_at, id)``, if given), in order: one statement (a join
     would repeat the system prompt on every row). The conversation's row comes first, with its
-    model and system prompt in the role and content columns; no row at all means no
-    conversation."""
+    model and system prompt in the role and content columns, and in the last column how many
+    replies its user streams now; no row at all means no conversation (of ``user``)."""
     head = select(
         literal(0).label("part"),
         conversations.c.model.label("role"),
         conversations.c.system_prompt.label("content"),
         conversations.c.created_at,
         conversations.c.id,
-    ).where(conversations.c.id == cid)
+        running_of(user, now).label("running"),
+    ).where(conversations.c.id == cid, conversations.c.user_id == user)
     history = select(
-        literal(1), messages.c.role, messages.c.content, messages.c.created_at, messages.c.id
-    ).where(messages.c.conversation_id == cid, messages.c.content != "")
+        literal(1),
+        messages.c.role,
+        messages.c.content,
+        messages.c.created_at,
+        messages.c.id,
+        literal(0),
+    ).where(messages.c.conversation_id == cid, messages.c.content != "", *_message_of(user))
     if before is not None:
         at, mid = before
         history = history.where(
@@ -102,7 +169,7 @@ def conversation_and_history(
             < tuple_(literal(at, messages.c.created_at.type), literal(mid, messages.c.id.type))
         )
     ordered = union_all(head, history).subquery()
-    return select(ordered.c.part, ordered.c.role, ordered.c.content).order_by(
+    return select(ordered.c.part, ordered.c.role, ordered.c.content, ordered.c.running).order_by(
         ordered.c.part, ordered.c.created_at, ordered.c.id
     )
 
@@ -157,10 +224,18 @@ def _model_column(turn: NewTurn) -> ColumnElement[str]:
     )
 
 
-def insert_messages_of(cid: str, rows: list[dict[str, Any]], turn: NewTurn) -> Insert:
-    """INSERT ``rows`` if the conversation exists, one SELECT of its row each; the assistant's
-    model (its ``None``) is resolved from the conversation's row."""
+def insert_messages_of(
+    cid: str, rows: list[dict[str, Any]], turn: NewTurn, now: datetime
+) -> Insert:
+    """INSERT ``rows`` if the conversation exists, is the turn's user's, and that user streams
+    fewer than ``turn.max_streams`` replies: one SELECT of its row each. The assistant's model
+    (its ``None``) is resolved from the conversation's row."""
     columns = list(rows[0])
+    allowed = (
+        conversations.c.id == cid,
+        conversations.c.user_id == turn.user,
+        running_of(turn.user, now) < turn.max_streams,
+    )
 
     def from_conversation(row: dict[str, Any]) -> Select[Any]:
         values = [
@@ -169,7 +244,7 @@ def insert_messages_of(cid: str, rows: list[dict[str, Any]], turn: NewTurn) -> I
             else literal(row[name], messages.c[name].type).label(name)
             for name in columns
         ]
-        return select(*values).where(conversations.c.id == cid)
+        return select(*values).where(*allowed)
 
     return insert(messages).from_select(
         columns, union_all(*(from_conversation(row) for row in rows))
@@ -193,8 +268,8 @@ def keyed_reply(cid: str, key: str, now: datetime) -> Select[Any]:
 # -- A reply while it streams, and its end ------------------------------------------------------
 
 
-def streaming_replies(now: datetime) -> Select[Any]:
-    """The replies being streamed by a live process (their lease runs), oldest first."""
+def streaming_replies(user: str, now: datetime) -> Select[Any]:
+    """The user's replies being streamed by a live process (their lease runs), oldest first."""
     return (
         select(
             messages.c.id,
@@ -203,7 +278,11 @@ def streaming_replies(now: datetime) -> Select[Any]:
             messages.c.created_at,
             messages.c.owner,
         )
-        .where(messages.c.status == "streaming", messages.c.lease_expires_at >= now)
+        .where(
+            messages.c.status == "streaming",
+            messages.c.lease_expires_at >= now,
+            *_message_of(user),
+        )
         .order_by(messages.c.created_at, messages.c.id)
     )
 

@@ -22,40 +22,43 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import timedelta
+from functools import partial
 from typing import Any, Final, TypeVar
 
 import trio
-from sqlalchemy import Executable, RowMapping, insert, inspect, text
+from sqlalchemy import Executable, RowMapping, insert, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from chatsrv._errors import StoreError
+from chatsrv._errors import ChatsrvError, SchemaMismatch, StoreError
 
+from . import _keys, _migrate
 from . import _statements as sql
 from ._aio import AsyncioThread, BridgeClosed, open_asyncio_thread
 from ._bus import Bus
 from ._database import create_engine, map_error
 from ._records import (
     CLOCK,
+    ApiKey,
     Conversation,
     Message,
     NewTurn,
     RunningReply,
     TurnStart,
     conversation_record,
+    key_record,
     message_record,
     parse_id,
     running_record,
 )
 from ._starts import Starts, select_conversation
-from ._tables import MESSAGE_STATUSES, TABLE_NAMES, conversations
-from ._tables import schema_statements as _schema_statements
+from ._tables import MESSAGE_STATUSES, api_keys, conversations, users
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# The key of the transaction-scoped advisory lock that serialises schema application between
+# The key of the transaction-scoped advisory lock that serialises migrations between
 # workers starting at once on PostgreSQL (any constant int64: "chatsrv1" in ASCII).
 _SCHEMA_LOCK_KEY: Final = 0x6368617473727631
 
@@ -67,9 +70,13 @@ _LEASE_BATCH: Final = 500
 class Store:
     """The database, for Trio code. Build it with :meth:`open`."""
 
-    def __init__(self, bridge: AsyncioThread, engine: AsyncEngine, *, timeout_s: float) -> None:
+    def __init__(
+        self, bridge: AsyncioThread, engine: AsyncEngine, *, timeout_s: float, url: str
+    ) -> None:
         self._bridge = bridge
         self._engine = engine
+        self._url = url
+        self._timeout_s = timeout_s
         self._postgresql = engine.dialect.name == "postgresql"
         # Notifications between processes: PostgreSQL's LISTEN/NOTIFY; SQLite has none.
         self.bus = (
@@ -95,15 +102,21 @@ class Store:
         pool_size: int = 10,
         timeout_s: float = 10.0,
         init_schema: bool = True,
+        upgrade: bool = True,
     ) -> AsyncIterator[Store]:
-        """Start the asyncio thread and the engine, apply the schema if it is missing, and close
-        everything (shielded, bounded by ``timeout_s``) when the block exits."""
+        """Start the asyncio thread and the engine, make the schema if the database is empty,
+        and close everything (shielded, bounded by ``timeout_s``) when the block exits.
+
+        A database whose schema is behind is upgraded if ``upgrade``, else refused with
+        :class:`SchemaMismatch` (as is one made by a newer chatsrv); ``init_schema=False``
+        looks at nothing.
+        """
         async with open_asyncio_thread(close_timeout_s=timeout_s) as bridge:
             engine = create_engine(url, pool_size=pool_size, timeout_s=timeout_s)
-            store = cls(bridge, engine, timeout_s=timeout_s)
+            store = cls(bridge, engine, timeout_s=timeout_s, url=url)
             try:
                 if init_schema:
-                    await store.init_schema()
+                    await store._prepare_schema(upgrade=upgrade)
                 yield store
             finally:
                 # Shielded: the pool's connections must be closed on their loop before it stops.
@@ -117,82 +130,136 @@ class Store:
                 if scope.cancelled_caught:
                     logger.warning("disposing of the database engine took over %.1f s", timeout_s)
 
-    async def init_schema(self) -> bool:
-        """Apply ``schema.sql`` if a table is missing; return whether it was applied."""
-        return await self._call(self._init_schema(_schema_statements()))
+    async def schema_revision(self) -> str | None:
+        """The migration the database is at (None: it is empty)."""
+        return (await self._call(self._migrating(_migrate.version))).revision
+
+    async def upgrade_schema(self) -> list[str]:
+        """Apply the migrations the database lacks; return their revisions, oldest first."""
+        return await self._call(self._migrating(_migrate.upgrade))
+
+    async def _prepare_schema(self, *, upgrade: bool) -> None:
+        version = await self._call(self._migrating(_migrate.version))
+        if version.current:
+            return
+        behind = version.known and not version.empty
+        if behind and not upgrade:
+            raise SchemaMismatch(
+                f"the database's schema is at revision {version.revision} and this chatsrv "
+                f"needs {_migrate.head()}: run `chatsrv db upgrade` (or set "
+                "CHATSRV_DB_AUTO_UPGRADE=1)"
+            )
+        await self.upgrade_schema()  # which refuses a schema newer than ours
 
     async def ping(self) -> None:
         """Raise :class:`StoreUnavailable` unless the database answers ``SELECT 1``."""
         await self._call(self._ping())
 
     async def create_conversation(
-        self, *, title: str | None, model: str | None, system: str | None
+        self, *, user: str, title: str | None, model: str | None, system: str | None
     ) -> Conversation:
-        return await self._call(self._create_conversation(title, model, system))
+        return await self._call(self._create_conversation(user, title, model, system))
 
-    async def list_conversations(self, *, limit: int = 100) -> list[Conversation]:
-        """The newest ``limit`` conversations, newest first."""
+    async def list_conversations(self, *, user: str, limit: int = 100) -> list[Conversation]:
+        """The user's newest ``limit`` conversations, newest first."""
         if limit < 0:
             raise ValueError("limit must not be negative")
-        rows = await self._call(self._read(lambda: sql.newest_conversations(limit)))
+        rows = await self._call(self._read(lambda: sql.newest_conversations(user, limit)))
         return [conversation_record(row) for row in rows]
 
-    async def get_conversation(self, conversation_id: str) -> Conversation | None:
-        return await self._by_id(conversation_id, self._get_conversation, None)
+    async def get_conversation(self, conversation_id: str, *, user: str) -> Conversation | None:
+        return await self._by_id(conversation_id, partial(self._get_conversation, user=user), None)
 
-    async def delete_conversation(self, conversation_id: str) -> bool:
+    async def delete_conversation(self, conversation_id: str, *, user: str) -> bool:
         """Delete a conversation and (by cascade) its messages; return whether it existed."""
 
         def delete(cid: str) -> Coroutine[Any, Any, int]:
-            return self._write(lambda: sql.delete_conversation(cid))
+            return self._write(lambda: sql.delete_conversation(cid, user))
 
         return await self._by_id(conversation_id, delete, 0) > 0
 
-    async def list_messages(self, conversation_id: str) -> list[Message] | None:
+    async def list_messages(self, conversation_id: str, *, user: str) -> list[Message] | None:
         """A conversation's messages in creation order; None if the conversation does not exist."""
-        return await self._by_id(conversation_id, self._list_messages, None)
+        return await self._by_id(conversation_id, partial(self._list_messages, user=user), None)
 
-    async def get_message(self, message_id: str) -> Message | None:
-        return await self._by_id(message_id, self._get_message, None)
+    async def get_message(self, message_id: str, *, user: str | None) -> Message | None:
+        """The message, if it is in one of ``user``'s conversations (``None``: anyone's)."""
+        return await self._by_id(message_id, partial(self._get_message, user=user), None)
 
     async def begin_turn(
         self,
         conversation_id: str,
         *,
+        user: str,
         content: str,
         model: str | None,
         default_model: str,
         owner: str,
         lease_s: float,
+        max_streams: int,
         idempotency_key: str | None = None,
     ) -> TurnStart | None:
         """In one transaction: read the history and insert the user message ('complete') and the
         assistant message ('streaming', empty, owned by ``owner`` for ``lease_s``). None, and
-        nothing written, if the conversation does not exist. The reply's model is ``model``, else
-        the conversation's, else ``default_model``; the assistant message records it.
+        nothing written, if the conversation does not exist or is not ``user``'s. The reply's
+        model is ``model``, else the conversation's, else ``default_model``; the assistant
+        message records it. :class:`TooManyStreams`, nothing written, if ``user`` streams
+        ``max_streams`` replies already.
 
         With an ``idempotency_key`` that already names a turn of this conversation (concurrent
         requests included), nothing is written and that turn is returned with ``existing``.
         """
+        turn = partial(
+            NewTurn,
+            user=user,
+            content=content,
+            model=model,
+            default_model=default_model,
+            owner=owner,
+            lease_s=lease_s,
+            idempotency_key=idempotency_key,
+            max_streams=max_streams,
+        )
 
         def begin(cid: str) -> Coroutine[Any, Any, TurnStart | None]:
-            return self._starts.begin_turn(
-                NewTurn(cid, content, model, default_model, owner, lease_s, idempotency_key)
-            )
+            return self._starts.begin_turn(turn(cid))
 
         return await self._by_id(conversation_id, begin, None)
 
     async def begin_continuation(
-        self, message_id: str, *, owner: str, lease_s: float
+        self, message_id: str, *, user: str, owner: str, lease_s: float, max_streams: int
     ) -> TurnStart | Message | None:
         """In one transaction: put an assistant message that ended early (``CONTINUABLE``) back to
         'streaming', owned by ``owner`` for ``lease_s``, and read the prompt that continues it:
         the conversation up to the message, the message excluded. The TurnStart's assistant
         message holds the content so far. A message that cannot be continued is returned as it
-        is (nothing written); None if there is no such message."""
-        return await self._by_id(
-            message_id, lambda mid: self._starts.begin_continuation(mid, owner, lease_s), None
-        )
+        is (nothing written); None if there is no such message of ``user``'s; and
+        :class:`TooManyStreams` as for :meth:`begin_turn`."""
+
+        def begin(mid: str) -> Coroutine[Any, Any, TurnStart | Message | None]:
+            return self._starts.begin_continuation(mid, user, owner, lease_s, max_streams)
+
+        return await self._by_id(message_id, begin, None)
+
+    # -- Users and their API keys ---------------------------------------------------------------
+
+    async def create_key(self, user_name: str) -> tuple[ApiKey, str]:
+        """A new API key for the user ``user_name`` (made if new): its record, and the key
+        itself, which is not stored (only its digest; see ``_keys``) and cannot be shown again."""
+        return await self._call(self._create_key(user_name))
+
+    async def list_keys(self) -> list[ApiKey]:
+        """Every API key, revoked ones included, oldest first."""
+        return [key_record(row) for row in await self._call(self._read(sql.all_keys))]
+
+    async def revoke_key(self, key_id: str) -> bool:
+        """Revoke a key from now on; return whether it existed and was not revoked already."""
+        return await self._call(self._write(lambda: sql.revoke_key(key_id, CLOCK.now()))) > 0
+
+    async def key_user(self, key: str) -> str | None:
+        """The id of the user whose key this is, or None if it is unknown or revoked."""
+        rows = await self._call(self._read(lambda: sql.key_owner(_keys.digest(key))))
+        return str(rows[0]["user_id"]) if rows else None
 
     async def checkpoint(
         self, message_id: str, *, content: str, owner: str, lease_s: float
@@ -223,15 +290,15 @@ class Store:
         Return how many replies were swept."""
         return await self._call(self._write(lambda: sql.sweep(sweeper, CLOCK.now())))
 
-    async def running_replies(self) -> list[RunningReply]:
-        """The replies streamed now by live processes (whose lease runs), oldest first."""
-        rows = await self._call(self._read(lambda: sql.streaming_replies(CLOCK.now())))
+    async def running_replies(self, *, user: str) -> list[RunningReply]:
+        """The user's replies streamed now by live processes (whose lease runs), oldest first."""
+        rows = await self._call(self._read(lambda: sql.streaming_replies(user, CLOCK.now())))
         return [running_record(row) for row in rows]
 
-    async def request_cancel(self, message_id: str) -> Message | None:
+    async def request_cancel(self, message_id: str, *, user: str) -> Message | None:
         """Mark a streaming reply for its owner to cancel (see ``cancel_requests``); return
-        the message as it is then, or None if there is no such message."""
-        return await self._by_id(message_id, self._request_cancel, None)
+        the message as it is then, or None if there is no such message of ``user``'s."""
+        return await self._by_id(message_id, partial(self._request_cancel, user=user), None)
 
     async def cancel_requests(self, owner: str) -> list[str]:
         """The ids of ``owner``'s streaming replies that a client asked to cancel."""
@@ -291,33 +358,39 @@ class Store:
             return await self._bridge.run(coro)
         except BridgeClosed as error:
             raise StoreError("the store is closed") from error
+        except ChatsrvError:  # raised on purpose (TooManyStreams)
+            raise
         except Exception as error:
             raise map_error(error) from error
 
     # -- On the asyncio loop: one checkout, one transaction each ---------------------------------
 
-    async def _init_schema(self, statements: list[str]) -> bool:
-        async with self._writer.begin() as conn:
-            if self._postgresql:
-                await conn.execute(
-                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY}
-                )
-            if await conn.run_sync(_has_tables):
-                return False
-            for statement in statements:
-                await conn.exec_driver_sql(statement)
-        logger.info("applied the database schema")
-        return True
+    async def _migrating(self, run: Callable[[Connection], T]) -> T:
+        """``run`` on a connection of its own, in one transaction that holds off any other
+        process doing the same. On SQLite its foreign keys are off (see ``_migrate``)."""
+        engine = create_engine(
+            self._url, pool_size=1, timeout_s=self._timeout_s, foreign_keys=False
+        )
+        try:
+            async with engine.execution_options(chatsrv_begin="IMMEDIATE").begin() as conn:
+                if self._postgresql:
+                    await conn.execute(
+                        text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY}
+                    )
+                return await conn.run_sync(run)
+        finally:
+            await engine.dispose()
 
     async def _ping(self) -> None:
         async with self._engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
 
     async def _create_conversation(
-        self, title: str | None, model: str | None, system: str | None
+        self, user: str, title: str | None, model: str | None, system: str | None
     ) -> Conversation:
         row = {
             "id": str(uuid.uuid4()),
+            "user_id": user,
             "title": title,
             "model": model,
             "system_prompt": system,
@@ -339,21 +412,42 @@ class Store:
         async with self._one_statement.begin() as conn:
             return (await conn.execute(build())).rowcount
 
-    async def _get_conversation(self, cid: str) -> Conversation | None:
+    async def _get_conversation(self, cid: str, *, user: str) -> Conversation | None:
         async with self._engine.begin() as conn:
-            row = await select_conversation(conn, cid)
+            row = await select_conversation(conn, cid, user)
         return None if row is None else conversation_record(row)
 
-    async def _get_message(self, mid: str) -> Message | None:
-        rows = await self._read(lambda: sql.message(mid))
+    async def _get_message(self, mid: str, *, user: str | None) -> Message | None:
+        rows = await self._read(lambda: sql.message(mid, user))
         return message_record(rows[0]) if rows else None
 
-    async def _list_messages(self, cid: str) -> list[Message] | None:
+    async def _list_messages(self, cid: str, *, user: str) -> list[Message] | None:
         async with self._engine.begin() as conn:
-            if await select_conversation(conn, cid) is None:
+            if await select_conversation(conn, cid, user) is None:
                 return None
             rows = await conn.execute(sql.messages_of(cid))
             return [message_record(row) for row in rows.mappings()]
+
+    async def _create_key(self, user_name: str) -> tuple[ApiKey, str]:
+        key_id, key = _keys.new_key()
+        async with self._writer.begin() as conn:
+            user = (await conn.execute(sql.user_named(user_name))).first()
+            if user is None:
+                user_id = str(uuid.uuid4())
+                await conn.execute(
+                    insert(users), {"id": user_id, "name": user_name, "created_at": CLOCK.now()}
+                )
+            else:
+                user_id = str(user._mapping["id"])
+            row = {
+                "id": key_id,
+                "user_id": user_id,
+                "digest": _keys.digest(key),
+                "created_at": CLOCK.now(),
+                "revoked_at": None,
+            }
+            await conn.execute(insert(api_keys), row)
+        return key_record({**row, "name": user_name}), key
 
     async def _renew_leases(self, owner: str, ids: list[str], lease_s: float) -> int:
         expires = CLOCK.now() + timedelta(seconds=lease_s)
@@ -364,13 +458,10 @@ class Store:
                 renewed += (await conn.execute(sql.renew_leases(owner, batch, expires))).rowcount
         return renewed
 
-    async def _request_cancel(self, mid: str) -> Message | None:
+    async def _request_cancel(self, mid: str, *, user: str) -> Message | None:
         async with self._writer.begin() as conn:
+            if (await conn.execute(sql.message(mid, user))).first() is None:
+                return None
             await conn.execute(sql.request_cancel(mid))
             row = (await conn.execute(sql.message(mid))).first()
         return None if row is None else message_record(row._mapping)
-
-
-def _has_tables(conn: Connection) -> bool:
-    inspector = inspect(conn)
-    return all(inspector.has_table(name) for name in TABLE_NAMES)

@@ -1,9 +1,9 @@
-"""The store's tables as SQLAlchemy Core objects, and the schema file that creates them.
+"""The store's tables as SQLAlchemy Core objects, and the file that shows them.
 
-``schema.sql`` at the repository root is the canonical definition (DDL is never generated from
-these objects); the :class:`~sqlalchemy.Table` objects here only describe it to the query
-builder, with the types that make values round-trip identically on PostgreSQL and on SQLite.
-Only the store imports this module.
+The migrations (``migrations/``) make the schema, and ``schema.sql`` at the repository root
+writes it out (DDL is never generated from these objects); the :class:`~sqlalchemy.Table`
+objects here only describe it to the query builder, with the types that make values round-trip
+identically on PostgreSQL and on SQLite. Only the store imports this module.
 """
 
 from __future__ import annotations
@@ -36,6 +36,24 @@ Usage = JSON(none_as_null=True).with_variant(postgresql.JSONB(none_as_null=True)
 
 metadata = MetaData()
 
+users = Table(
+    "users",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("name", Text, nullable=False),
+    Column("created_at", Timestamp, nullable=False),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("user_id", Id, nullable=False),
+    Column("digest", Text, nullable=False),
+    Column("created_at", Timestamp, nullable=False),
+    Column("revoked_at", Timestamp, nullable=True),
+)
+
 conversations = Table(
     "conversations",
     metadata,
@@ -44,6 +62,7 @@ conversations = Table(
     Column("model", Text, nullable=True),
     Column("system_prompt", Text, nullable=True),
     Column("created_at", Timestamp, nullable=False),
+    Column("user_id", Id, nullable=False),
 )
 
 messages = Table(
@@ -66,7 +85,7 @@ messages = Table(
     Column("lease_expires_at", Timestamp, nullable=True),
 )
 
-TABLE_NAMES: Final = ("conversations", "messages")
+TABLE_NAMES: Final = ("users", "api_keys", "conversations", "messages")
 
 
 def schema_path() -> Path:
@@ -82,6 +101,7 @@ def schema_statements(sql: str | None = None) -> list[str]:
     """The statements of ``schema.sql`` (or of ``sql``), one string each, comments removed.
 
     The file is split on ``;``: asyncpg runs one statement per call, and SQLite's driver too.
+    (Only the tests apply it, to check it against the migrations.)
     """
     if sql is None:
         sql = schema_path().read_text(encoding="utf-8")

@@ -11,6 +11,7 @@ import orjson
 import pytest
 import trio
 
+from chatsrv.store import LOCAL_USER_ID
 from tests.server import Chatsrv, StartChatsrv, rows
 
 TOKENS = [f"t{i} " for i in range(40)]
@@ -229,11 +230,13 @@ async def test_a_sweeper_never_takes_another_live_servers_rows(
             stream = await streaming.stream_until(nursery, conversation_id)
             control = await streaming.service.store.begin_turn(
                 control_conversation_id,
+                user=LOCAL_USER_ID,
                 content="control",
                 model=None,
                 default_model="m",
                 owner=streaming.service.engine.owner,
                 lease_s=LEASE_S,
+                max_streams=streaming.service.settings.max_streams_per_user,
             )
             assert control is not None
             swept = await wait_until_swept(sweeping, control.assistant_message["id"])

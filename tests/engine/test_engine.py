@@ -14,7 +14,7 @@ import trio.testing
 from chatsrv._settings import Settings
 from chatsrv.engine import Journal, Persister, Turn, TurnEngine, TurnRequest
 from chatsrv.http import relay
-from chatsrv.store import Store
+from chatsrv.store import LOCAL_USER_ID, Store
 from chatsrv.upstream import Completion, Prompt
 
 
@@ -79,14 +79,16 @@ async def engine(store: GatedStore, tmp_path: Path) -> AsyncIterator[TurnEngine]
 
 
 async def new_request(store: GatedStore) -> TurnRequest:
-    conversation = await store.create_conversation(title=None, model=None, system=None)
-    return TurnRequest(conversation["id"], "hi", "m")
+    conversation = await store.create_conversation(
+        user=LOCAL_USER_ID, title=None, model=None, system=None
+    )
+    return TurnRequest(conversation["id"], "hi", "m", user=LOCAL_USER_ID)
 
 
 async def final_reply(store: GatedStore, conversation_id: str) -> dict[str, Any]:
     """The assistant row once it is final (polled; the caller bounds the time)."""
     while True:
-        messages = await store.list_messages(conversation_id)
+        messages = await store.list_messages(conversation_id, user=LOCAL_USER_ID)
         assert messages is not None
         replies = [m for m in messages if m["role"] == "assistant"]
         if replies and replies[0]["status"] != "streaming":

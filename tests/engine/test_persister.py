@@ -15,7 +15,7 @@ import trio.testing
 from chatsrv._settings import Settings
 from chatsrv.engine import Journal, Outcome, Persister, Status, Turn
 from chatsrv.http import keep_alive
-from chatsrv.store import Store
+from chatsrv.store import LOCAL_USER_ID, Store
 
 
 class RecordingStore:
@@ -54,6 +54,7 @@ async def test_checkpoints_count_from_the_first_delta(
     persister = Persister(cast(Store, store), Journal(tmp_path, "test"), settings, owner="test")
     turn = Turn(
         conversation_id="c",
+        user=LOCAL_USER_ID,
         user_message_id="u",
         message_id="m",
         model="x",

@@ -249,7 +249,7 @@ async def test_database_locked_during_the_final_commit(
                 await retried.wait()
                 # The commit has not happened, so the turn is not finished: no relay may send
                 # `done` (asserted on the server; the client alone could just be behind).
-                turn = chatsrv.service.engine.turn(stream.message_id)
+                turn = chatsrv.service.engine.turn(stream.message_id, user=None)
                 assert turn is not None and turn.outcome is not None
                 assert not turn.finished.is_set()
                 assert stream.done is None

@@ -102,7 +102,7 @@ async def test_finish_generates_to_the_end_without_a_client(
     with trio.fail_after(20):
         upstream.release(1)
         gone = await leave_after_first_delta(chatsrv, conversation_id, "finish")
-        turn = chatsrv.service.engine.turn(gone.message_id)
+        turn = chatsrv.service.engine.turn(gone.message_id, user=None)
         assert turn is not None
         await turn.wait_deserted()  # the server has seen its only client leave
         upstream.release(len(TOKENS))
@@ -139,7 +139,7 @@ async def test_a_grace_that_expires_stops_the_turn(chatsrv: Chatsrv, upstream: A
     with trio.fail_after(20):
         upstream.release(2)
         gone = await leave_after_first_delta(chatsrv, conversation_id, {"grace_s": 0.5})
-        turn = chatsrv.service.engine.turn(gone.message_id)
+        turn = chatsrv.service.engine.turn(gone.message_id, user=None)
         assert turn is not None
         await turn.wait_deserted()
         left_at = trio.current_time()

@@ -11,11 +11,13 @@ import trio.testing
 
 from chatsrv.engine import Outcome, Status, Turn
 from chatsrv.http import PING, keep_alive, relay
+from chatsrv.store import LOCAL_USER_ID
 
 
 def make_turn(deserted: list[Turn] | None = None) -> Turn:
     return Turn(
         conversation_id="c",
+        user=LOCAL_USER_ID,
         user_message_id="u",
         message_id="m",
         model="x",

@@ -17,6 +17,7 @@ import httpx
 import pytest
 import trio
 
+from chatsrv.store import LOCAL_USER_ID
 from tests.server import Chatsrv, StartChatsrv, Stream
 
 TOKENS = [f"w{i} " for i in range(12)]
@@ -232,14 +233,18 @@ async def test_a_reply_whose_process_died_resumes_to_its_swept_end(
     last checkpoint, then a done with the swept status."""
     chatsrv = await start_chatsrv(checkpoint_interval_s=0.05, lease_s=0.5)
     store = chatsrv.service.store
-    conversation = await store.create_conversation(title=None, model=None, system=None)
+    conversation = await store.create_conversation(
+        user=LOCAL_USER_ID, title=None, model=None, system=None
+    )
     begun = await store.begin_turn(
         conversation["id"],
+        user=LOCAL_USER_ID,
         content="hi",
         model=None,
         default_model="m",
         owner="a-process-that-died",
         lease_s=0.5,
+        max_streams=chatsrv.service.settings.max_streams_per_user,
     )
     assert begun is not None
     message_id = begun.assistant_message["id"]

@@ -30,23 +30,30 @@ import trio
 from sqlalchemy import event, exc
 
 from chatsrv._errors import StoreError, StoreUnavailable
-from chatsrv.store import Store
+from chatsrv.store import LOCAL_USER_ID, Store
 from chatsrv.store._aio import AsyncioThread, BridgeClosed, open_asyncio_thread
 from chatsrv.store._database import map_error
+from chatsrv.store._migrate import head
 from chatsrv.store._tables import schema_statements
 from tests.db import plain_url, terminate_backend
 
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}\+00:00$")
 
 
-# The owner and lease every test turn is begun with.
+# The owner, lease and stream limit every test turn is begun with.
 class Lease(TypedDict):
     owner: str
     lease_s: float
     default_model: str
+    max_streams: int
 
 
-LEASE: Lease = {"owner": "test-owner", "lease_s": 30.0, "default_model": "default-model"}
+LEASE: Lease = {
+    "owner": "test-owner",
+    "lease_s": 30.0,
+    "default_model": "default-model",
+    "max_streams": 100,
+}
 
 
 async def execute(store: Store, *statements: str) -> list[Any]:
@@ -64,8 +71,12 @@ async def execute(store: Store, *statements: str) -> list[Any]:
 
 
 async def new_turn(store: Store, content: str = "hi", *, system: str | None = None) -> Any:
-    conversation = await store.create_conversation(title="t", model=None, system=system)
-    turn = await store.begin_turn(conversation["id"], content=content, model="m1", **LEASE)
+    conversation = await store.create_conversation(
+        user=LOCAL_USER_ID, title="t", model=None, system=system
+    )
+    turn = await store.begin_turn(
+        conversation["id"], user=LOCAL_USER_ID, content=content, model="m1", **LEASE
+    )
     assert turn is not None
     return turn
 
@@ -75,7 +86,8 @@ async def new_turn(store: Store, content: str = "hi", *, system: str | None = No
 
 async def test_conversation_crud(store: Store) -> None:
     created = [
-        await store.create_conversation(title=f"t{i}", model="m", system=None) for i in range(3)
+        await store.create_conversation(user=LOCAL_USER_ID, title=f"t{i}", model="m", system=None)
+        for i in range(3)
     ]
     first = created[0]
     assert uuid.UUID(first["id"]).version == 4
@@ -88,33 +100,37 @@ async def test_conversation_crud(store: Store) -> None:
     }
     assert ISO_UTC.match(first["created_at"])
 
-    assert await store.get_conversation(first["id"]) == first
-    assert await store.get_conversation(first["id"].upper()) == first  # any UUID spelling
-    assert await store.list_conversations() == created[::-1]  # newest first
-    assert await store.list_conversations(limit=2) == created[:0:-1]
+    assert await store.get_conversation(first["id"], user=LOCAL_USER_ID) == first
+    assert (
+        await store.get_conversation(first["id"].upper(), user=LOCAL_USER_ID) == first
+    )  # any UUID spelling
+    assert await store.list_conversations(user=LOCAL_USER_ID) == created[::-1]  # newest first
+    assert await store.list_conversations(user=LOCAL_USER_ID, limit=2) == created[:0:-1]
 
-    assert await store.delete_conversation(first["id"]) is True
-    assert await store.get_conversation(first["id"]) is None
-    assert await store.delete_conversation(first["id"]) is False
-    assert await store.list_conversations() == created[:0:-1]
+    assert await store.delete_conversation(first["id"], user=LOCAL_USER_ID) is True
+    assert await store.get_conversation(first["id"], user=LOCAL_USER_ID) is None
+    assert await store.delete_conversation(first["id"], user=LOCAL_USER_ID) is False
+    assert await store.list_conversations(user=LOCAL_USER_ID) == created[:0:-1]
 
 
 async def test_delete_cascades_to_messages(store: Store) -> None:
     turn = await new_turn(store)
     cid = turn.user_message["conversation_id"]
-    assert await store.delete_conversation(cid) is True
-    assert await store.list_messages(cid) is None
-    assert await store.get_message(turn.user_message["id"]) is None
+    assert await store.delete_conversation(cid, user=LOCAL_USER_ID) is True
+    assert await store.list_messages(cid, user=LOCAL_USER_ID) is None
+    assert await store.get_message(turn.user_message["id"], user=LOCAL_USER_ID) is None
     assert await execute(store, "SELECT count(*) FROM messages") == [0]
 
 
 @pytest.mark.parametrize("bad_id", ["not-a-uuid", "", "1234", str(uuid.uuid4())])
 async def test_unknown_and_invalid_ids_find_nothing(store: Store, bad_id: str) -> None:
-    assert await store.get_conversation(bad_id) is None
-    assert await store.delete_conversation(bad_id) is False
-    assert await store.list_messages(bad_id) is None
-    assert await store.get_message(bad_id) is None
-    assert await store.begin_turn(bad_id, content="hi", model="m", **LEASE) is None
+    assert await store.get_conversation(bad_id, user=LOCAL_USER_ID) is None
+    assert await store.delete_conversation(bad_id, user=LOCAL_USER_ID) is False
+    assert await store.list_messages(bad_id, user=LOCAL_USER_ID) is None
+    assert await store.get_message(bad_id, user=LOCAL_USER_ID) is None
+    assert (
+        await store.begin_turn(bad_id, user=LOCAL_USER_ID, content="hi", model="m", **LEASE) is None
+    )
     assert (
         await store.finish_reply(bad_id, content="x", status="complete", stop_reason=None) is False
     )
@@ -125,9 +141,11 @@ async def test_unknown_and_invalid_ids_find_nothing(store: Store, bad_id: str) -
 
 
 async def test_begin_turn_and_finish_reply_round_trip(store: Store) -> None:
-    conversation = await store.create_conversation(title=None, model="m0", system="Be brief.")
+    conversation = await store.create_conversation(
+        user=LOCAL_USER_ID, title=None, model="m0", system="Be brief."
+    )
     cid = conversation["id"]
-    turn = await store.begin_turn(cid, content="first", model="m1", **LEASE)
+    turn = await store.begin_turn(cid, user=LOCAL_USER_ID, content="first", model="m1", **LEASE)
     assert turn is not None
     assert turn.history == [
         {"role": "system", "content": "Be brief."},
@@ -147,14 +165,14 @@ async def test_begin_turn_and_finish_reply_round_trip(store: Store) -> None:
     )
     assert assistant["model"] == "m1" and assistant["stop_reason"] is None
     # The assistant row exists (streaming) before any byte of the reply.
-    assert await store.get_message(assistant["id"]) == assistant
+    assert await store.get_message(assistant["id"], user=LOCAL_USER_ID) == assistant
     assert user["created_at"] < assistant["created_at"]
 
     usage = {"prompt_tokens": 3, "completion_tokens": 2, "details": {"cached": [1, None, True]}}
     assert await store.finish_reply(
         assistant["id"], content="Hello.", status="complete", stop_reason="stop", usage=usage
     )
-    finished = await store.get_message(assistant["id"])
+    finished = await store.get_message(assistant["id"], user=LOCAL_USER_ID)
     assert finished is not None
     assert finished["content"] == "Hello." and finished["status"] == "complete"
     assert finished["stop_reason"] == "stop" and finished["error"] is None
@@ -163,7 +181,7 @@ async def test_begin_turn_and_finish_reply_round_trip(store: Store) -> None:
     assert finished["updated_at"] > assistant["updated_at"]
 
     # A reply cut off with partial content counts as history; an empty one does not.
-    second = await store.begin_turn(cid, content="second", model="m1", **LEASE)
+    second = await store.begin_turn(cid, user=LOCAL_USER_ID, content="second", model="m1", **LEASE)
     assert second is not None
     await store.finish_reply(
         second.assistant_message["id"],
@@ -172,12 +190,12 @@ async def test_begin_turn_and_finish_reply_round_trip(store: Store) -> None:
         stop_reason=None,
         error="client went away",
     )
-    third = await store.begin_turn(cid, content="third", model="m2", **LEASE)
+    third = await store.begin_turn(cid, user=LOCAL_USER_ID, content="third", model="m2", **LEASE)
     assert third is not None
     await store.finish_reply(
         third.assistant_message["id"], content="", status="failed", stop_reason=None, error="boom"
     )
-    fourth = await store.begin_turn(cid, content="fourth", model="m2", **LEASE)
+    fourth = await store.begin_turn(cid, user=LOCAL_USER_ID, content="fourth", model="m2", **LEASE)
     assert fourth is not None
     assert fourth.history == [
         {"role": "system", "content": "Be brief."},
@@ -189,7 +207,7 @@ async def test_begin_turn_and_finish_reply_round_trip(store: Store) -> None:
         {"role": "user", "content": "fourth"},
     ]
 
-    listed = await store.list_messages(cid)
+    listed = await store.list_messages(cid, user=LOCAL_USER_ID)
     assert listed is not None
     expected_ids = [
         m["id"]
@@ -215,7 +233,7 @@ async def test_finish_reply_is_idempotent(store: Store) -> None:
     assert await store.finish_reply(
         mid, content="ab", status="complete", stop_reason="stop", usage={"total_tokens": 2}
     )
-    listed = await store.list_messages(turn.user_message["conversation_id"])
+    listed = await store.list_messages(turn.user_message["conversation_id"], user=LOCAL_USER_ID)
     assert listed is not None and len(listed) == 2
     assert listed[1]["id"] == mid
     assert (listed[1]["content"], listed[1]["status"], listed[1]["stop_reason"]) == (
@@ -230,7 +248,7 @@ async def test_finish_reply_touches_only_assistant_rows(store: Store) -> None:
     turn = await new_turn(store)
     user_id = turn.user_message["id"]
     assert not await store.finish_reply(user_id, content="x", status="failed", stop_reason=None)
-    assert await store.get_message(user_id) == turn.user_message
+    assert await store.get_message(user_id, user=LOCAL_USER_ID) == turn.user_message
     with pytest.raises(ValueError, match="status"):
         await store.finish_reply(user_id, content="x", status="done", stop_reason=None)
 
@@ -240,33 +258,43 @@ async def test_finish_reply_touches_only_assistant_rows(store: Store) -> None:
 
 def test_schema_file_splits_into_plain_statements() -> None:
     statements = schema_statements()
-    assert len(statements) == 6
+    assert len(statements) == 9
     assert all(";" not in s and "--" not in s for s in statements)
-    assert all(" IF NOT EXISTS " in s for s in statements)
     assert "now()" not in " ".join(statements).lower()
 
 
-async def test_schema_applied_twice_is_a_no_op(store: Store) -> None:
-    cid = (await store.create_conversation(title="kept", model=None, system=None))["id"]
-    assert await store.init_schema() is False
-    await execute(store, *schema_statements())  # every statement is idempotent
-    assert (await store.get_conversation(cid)) is not None
+async def test_upgrading_a_schema_at_head_is_a_no_op(store: Store) -> None:
+    cid = (
+        await store.create_conversation(user=LOCAL_USER_ID, title="kept", model=None, system=None)
+    )["id"]
+    assert await store.upgrade_schema() == []
+    assert await store.schema_revision() == head()
+    assert (await store.get_conversation(cid, user=LOCAL_USER_ID)) is not None
 
 
-async def test_init_schema_on_an_empty_database_runs_once(database_url: str) -> None:
+async def test_upgrade_schema_on_an_empty_database_runs_once(database_url: str) -> None:
     async with Store.open(database_url, init_schema=False) as a, Store.open(database_url) as b:
-        await execute(a, "DROP TABLE IF EXISTS messages", "DROP TABLE IF EXISTS conversations")
-        results: list[bool] = []
+        await execute(
+            a,
+            "DROP TABLE IF EXISTS messages",
+            "DROP TABLE IF EXISTS conversations",
+            "DROP TABLE IF EXISTS api_keys",
+            "DROP TABLE IF EXISTS users",
+            "DROP TABLE IF EXISTS alembic_version",
+        )
+        assert await a.schema_revision() is None
+        results: list[list[str]] = []
 
-        async def init(store: Store) -> None:
-            results.append(await store.init_schema())
+        async def upgrade(store: Store) -> None:
+            results.append(await store.upgrade_schema())
 
         with trio.fail_after(20):
             async with trio.open_nursery() as nursery:  # two workers starting at once
-                nursery.start_soon(init, a)
-                nursery.start_soon(init, b)
-        assert sorted(results) == [False, True]
-        assert await a.init_schema() is False
+                nursery.start_soon(upgrade, a)
+                nursery.start_soon(upgrade, b)
+        assert sorted(results) == [[], ["0001", "0002", "0003"]]
+        assert await a.upgrade_schema() == []
+        assert await a.schema_revision() == head()
         await new_turn(b)
 
 
@@ -309,7 +337,7 @@ async def test_terminated_backend_during_finish_reply(postgresql_url: str) -> No
                 mid, content="done", status="complete", stop_reason="stop", usage={"n": 1}
             )
         event.remove(store._engine.sync_engine, "before_cursor_execute", kill_before_update)
-        listed = await store.list_messages(turn.user_message["conversation_id"])
+        listed = await store.list_messages(turn.user_message["conversation_id"], user=LOCAL_USER_ID)
         assert listed is not None and [m["id"] for m in listed].count(mid) == 1
         assert len(listed) == 2
         assert (listed[1]["content"], listed[1]["status"], listed[1]["usage"]) == (
@@ -323,7 +351,9 @@ async def test_conversation_deleted_while_a_turn_begins(postgresql_url: str) -> 
     """begin_turn locks nothing: a conversation whose delete commits while the turn's INSERT
     checks its foreign key fails that check, and the turn is not found, with nothing written."""
     async with Store.open(postgresql_url) as store:
-        conversation = await store.create_conversation(title=None, model=None, system=None)
+        conversation = await store.create_conversation(
+            user=LOCAL_USER_ID, title=None, model=None, system=None
+        )
         cid = conversation["id"]
         deleting: list[threading.Thread] = []
 
@@ -340,7 +370,10 @@ async def test_conversation_deleted_while_a_turn_begins(postgresql_url: str) -> 
 
         event.listen(store._engine.sync_engine, "before_cursor_execute", delete_meanwhile)
         with trio.fail_after(20):
-            assert await store.begin_turn(cid, content="hi", model=None, **LEASE) is None
+            assert (
+                await store.begin_turn(cid, user=LOCAL_USER_ID, content="hi", model=None, **LEASE)
+                is None
+            )
         event.remove(store._engine.sync_engine, "before_cursor_execute", delete_meanwhile)
         [thread] = deleting
         thread.join(10)
@@ -381,13 +414,13 @@ async def test_sqlite_lock_held_past_busy_timeout(tmp_path: Path) -> None:
             with trio.fail_after(10), pytest.raises(StoreUnavailable, match="locked"):
                 await store.finish_reply(mid, content="x", status="complete", stop_reason="stop")
             # Readers are not blocked by a writer under WAL.
-            assert await store.get_message(mid) == turn.assistant_message
+            assert await store.get_message(mid, user=LOCAL_USER_ID) == turn.assistant_message
         finally:
             locker.execute("ROLLBACK")
             locker.close()
         with trio.fail_after(10):
             assert await store.finish_reply(mid, content="x", status="complete", stop_reason="stop")
-        finished = await store.get_message(mid)
+        finished = await store.get_message(mid, user=LOCAL_USER_ID)
         assert finished is not None and finished["content"] == "x"
 
 
@@ -499,9 +532,11 @@ async def test_store_calls_hold_no_thread(store: Store) -> None:
     with trio.fail_after(20):
         async with limiter, trio.open_nursery() as nursery:
             for i in range(20):
-                create = functools.partial(store.create_conversation, model=None, system=None)
+                create = functools.partial(
+                    store.create_conversation, user=LOCAL_USER_ID, model=None, system=None
+                )
                 nursery.start_soon(functools.partial(create, title=str(i)))
-    assert len(await store.list_conversations()) == 20
+    assert len(await store.list_conversations(user=LOCAL_USER_ID)) == 20
 
 
 @contextlib.asynccontextmanager
