@@ -4,6 +4,8 @@ wrote, or did not, is counted in the database itself (``Chatsrv.count_rows``).""
 
 from __future__ import annotations
 
+import signal
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -12,7 +14,8 @@ import pytest
 import trio
 
 from chatsrv.store import LOCAL_USER_ID
-from tests.server import Chatsrv, StartChatsrv, rows
+from tests.processes import chatsrv_environment, start_hypercorn
+from tests.server import ApiClient, Chatsrv, StartChatsrv, rows
 
 TOKENS = [f"t{i} " for i in range(40)]
 
@@ -203,10 +206,14 @@ async def wait_until_swept(chatsrv: Chatsrv, message_id: str) -> dict[str, Any]:
 
 
 async def test_a_sweeper_never_takes_another_live_servers_rows(
-    start_chatsrv: StartChatsrv, upstream: Any
+    start_chatsrv: StartChatsrv, upstream: Any, database_url: str, tmp_path: Path
 ) -> None:
     """Two servers on one database, with leases far shorter than the reply, and no checkpoint to
     renew the lease in passing: only the process-wide renewal keeps the live row.
+
+    The streaming server is a hypercorn process of its own, as another worker or host is: a
+    stall of this test's event loop (the sweeping server, the fake upstream, the clients) may
+    delay sweeps, never the live server's renewals.
 
     The positive control, under the same conditions: a row of the streaming server's, begun
     after the live one with the same lease, that no running turn holds, so nothing renews it.
@@ -217,39 +224,64 @@ async def test_a_sweeper_never_takes_another_live_servers_rows(
         "sweep_interval_s": SWEEP_INTERVAL_S,
         "checkpoint_interval_s": 60.0,
     }
-    streaming, sweeping = await start_chatsrv(**knobs), await start_chatsrv(**knobs)
+    sweeping = await start_chatsrv(**knobs)
     upstream.script.tokens = TOKENS[:3]
     upstream.script.gated = True
-    conversation_id = await streaming.new_conversation()
-    control_conversation_id = await streaming.new_conversation()
     sweeps = SweepCounter()
-
-    with sweeping.before_each_statement(sweeps), trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            upstream.release(1)
-            stream = await streaming.stream_until(nursery, conversation_id)
-            control = await streaming.service.store.begin_turn(
-                control_conversation_id,
-                user=LOCAL_USER_ID,
-                content="control",
-                model=None,
-                default_model="m",
-                owner=streaming.service.engine.owner,
-                lease_s=LEASE_S,
-                max_streams=streaming.service.settings.max_streams_per_user,
-            )
-            assert control is not None
-            swept = await wait_until_swept(sweeping, control.assistant_message["id"])
-            assert (swept["status"], swept["stop_reason"]) == ("interrupted", "server_crash")
-            # One more lease's worth of sweeps, each after the live row's first lease expired.
-            await sweeps.wait_for(sweeps.count + round(LEASE_S / SWEEP_INTERVAL_S))
-            [_, reply] = await sweeping.messages(conversation_id)
-            assert reply["status"] == "streaming"
-            # Not even for a moment: a sweep sets updated_at (as it did on the control), and a
-            # renewal that took the row back afterwards would not restore it.
-            assert reply["updated_at"] == reply["created_at"]
-            assert swept["updated_at"] != swept["created_at"]
-            upstream.release(2)
+    env = chatsrv_environment(
+        database_url=database_url,
+        llm_base_url=upstream.base_url,
+        llm_api_key="test-key",
+        journal_dir=str(tmp_path / "streaming-journal"),
+        log_level="WARNING",
+        **{name: str(value) for name, value in knobs.items()},
+    )
+    async with trio.open_nursery() as servers:
+        process = await start_hypercorn(servers, tmp_path, env, graceful_timeout=2.0)
+        try:
+            async with httpx.AsyncClient(base_url=process.url, timeout=30) as http:
+                streaming = ApiClient(http)
+                conversation_id = await streaming.new_conversation()
+                control_conversation_id = await streaming.new_conversation()
+                with sweeping.before_each_statement(sweeps), trio.fail_after(30):
+                    async with trio.open_nursery() as nursery:
+                        upstream.release(1)
+                        stream = await streaming.stream_until(nursery, conversation_id)
+                        [live] = (await sweeping.client.get("/v1/turns")).json()["turns"]
+                        control = await sweeping.service.store.begin_turn(
+                            control_conversation_id,
+                            user=LOCAL_USER_ID,
+                            content="control",
+                            model=None,
+                            default_model="m",
+                            owner=live["owner"],  # the streaming process's
+                            lease_s=LEASE_S,
+                            max_streams=sweeping.service.settings.max_streams_per_user,
+                        )
+                        assert control is not None
+                        control_id = control.assistant_message["id"]
+                        swept = await wait_until_swept(sweeping, control_id)
+                        assert (swept["status"], swept["stop_reason"]) == (
+                            "interrupted",
+                            "server_crash",
+                        )
+                        # One more lease's worth of sweeps, each after the live row's first
+                        # lease expired.
+                        await sweeps.wait_for(sweeps.count + round(LEASE_S / SWEEP_INTERVAL_S))
+                        [_, reply] = await sweeping.messages(conversation_id)
+                        assert reply["status"] == "streaming"
+                        # Not even for a moment: a sweep sets updated_at (as it did on the
+                        # control), and a renewal that took the row back afterwards would not
+                        # restore it.
+                        assert reply["updated_at"] == reply["created_at"]
+                        assert swept["updated_at"] != swept["created_at"]
+                        upstream.release(2)
+            process.process.send_signal(signal.SIGTERM)
+            with trio.fail_after(20):
+                await process.exited()
+        finally:
+            process.kill_all()
+    process.log.assert_clean()
 
     assert stream.done is not None and stream.done["status"] == "complete"
     [_, reply] = await sweeping.messages(conversation_id)
