@@ -570,3 +570,43 @@ async def test_stores_opening_an_empty_database_at_once_migrate_it_once(
         [users] = await execute(store, "SELECT CAST(id AS TEXT) AS id, name FROM users")
         assert users == [{"id": LOCAL_USER_ID, "name": "local"}]
         assert await execute(store, "SELECT * FROM alembic_version") == [[{"version_num": head()}]]
+
+
+@pytest.mark.parametrize(("schema", "revision", "data"), UNVERSIONED)
+async def test_turns_run_on_an_upgraded_database(
+    new_database: Callable[[], str], schema: Path, revision: str, data: list[str]
+) -> None:
+    url = await unversioned_database(new_database, schema, data)
+    with trio.fail_after(30):
+        async with Store.open(url, upgrade=True) as store:
+            before = await store.list_messages(C1, user=LOCAL_USER_ID)
+            assert before is not None
+            begun = await store.begin_turn(
+                C1,
+                user=LOCAL_USER_ID,
+                content="after the upgrade",
+                model=None,
+                default_model="m",
+                owner="upgraded",
+                lease_s=30,
+                max_streams=10,
+            )
+            assert begun is not None
+            # The prompt is the conversation as it was before the upgrade, then the new message.
+            history = [m["content"] for m in before if m["content"]]
+            assert [m["content"] for m in begun.history][-len(history) - 1 :] == [
+                *history,
+                "after the upgrade",
+            ]
+            assert await store.finish_reply(
+                begun.assistant_message["id"], content="done", status="complete", stop_reason="stop"
+            )
+            after = await store.list_messages(C1, user=LOCAL_USER_ID)
+            assert after is not None
+            assert after[: len(before)] == before
+            assert [m["content"] for m in after[len(before) :]] == ["after the upgrade", "done"]
+            # A key made now reaches nothing of the local user's.
+            _, key = await store.create_key("alice")
+            alice = await store.key_user(key)
+            assert alice is not None and alice != LOCAL_USER_ID
+            assert await store.get_conversation(C1, user=alice) is None
