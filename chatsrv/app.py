@@ -29,6 +29,7 @@ from .http import (
     CHALLENGE,
     api,
     closing_connections,
+    page,
     publish_contract,
     refuse_keyless,
     watch_worker_shutdown,
@@ -58,6 +59,7 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
     app.config["JSON_SORT_KEYS"] = False
     app.extensions["chatsrv.settings"] = settings
     app.register_blueprint(api)
+    app.register_blueprint(page)
     publish_contract(app, version=__version__, keys=settings.auth == "keys")
     if settings.cors_origins:
         # chatsrv sets no cookies: no credentials mode.
