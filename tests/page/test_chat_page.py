@@ -294,3 +294,42 @@ def test_replies_render_a_little_markdown_and_never_html_from_the_model(
     assert shape["code"] == "<script>window.pwned = 2</script>"
     assert shape["items"] == ["one <i>code</i>", "two", "first", "second"]
     assert chat.page.evaluate("window.pwned") is None
+
+
+def test_the_sidebar_makes_opens_and_deletes_conversations_with_the_keyboard(
+    harness: Harness,
+) -> None:
+    server = harness.start_chatsrv(demo_token_interval_s="0")
+    chat = harness.open_page(server)
+    chat.ready()
+    # Shift+Enter is a new line, Enter sends: one message of two lines.
+    chat.input.fill("first line")
+    chat.input.press("Shift+Enter")
+    chat.input.type("second line")
+    chat.input.press("Enter")
+    chat.wait_status(chat.newest_reply(), "complete")
+    expect(chat.users()).to_have_count(1)
+    assert chat.users().first.locator(".content").inner_text() == "first line\nsecond line"
+    first = chat.page.evaluate("location.hash")
+
+    chat.page.locator("#new").focus()
+    chat.page.keyboard.press("Enter")  # New, from the keyboard
+    expect(chat.conversations).to_have_count(2)
+    expect(chat.page.locator("article.message")).to_have_count(0)
+    newest = chat.conversations.first
+    expect(newest).to_have_attribute("aria-current", "true")  # newest first, and open
+    expect(newest.locator(".open")).to_have_text("New conversation")
+
+    # Deleting asks first: dismissed, nothing goes; accepted, it goes with its messages.
+    older = chat.conversations.nth(1)
+    older_id = older.get_attribute("data-id")
+    chat.page.once("dialog", lambda dialog: dialog.dismiss())
+    older.locator(".delete").click()
+    expect(chat.conversations).to_have_count(2)
+    chat.page.once("dialog", lambda dialog: dialog.accept())
+    older.locator(".delete").click()
+    expect(chat.conversations).to_have_count(1)
+    assert first == f"#c={older_id}"
+    with server.api() as api:
+        response = api.http.get(f"/v1/conversations/{older_id}")
+    assert response.status_code == 404
