@@ -9,6 +9,7 @@ close the connections and run the lifespan shutdown.
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 from collections.abc import Sequence
@@ -18,12 +19,15 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
 
+from . import _logs
 from ._errors import SchemaMismatch, UnsafeSettings
 from ._service import Service
 from ._settings import Settings
 from .app import create_app
 from .http import refuse_keyless
 from .store import Store, schema_head
+
+log = logging.getLogger("chatsrv")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -75,7 +79,14 @@ async def _serve(settings: Settings) -> None:
     # By the time hypercorn closes connections the engine has drained, so this only bounds
     # requests other than turns.
     config.graceful_timeout = 5.0
-    config.accesslog = None
+    # hypercorn's access log and error log, on stderr in CHATSRV_LOG_FORMAT.
+    access = logging.getLogger("hypercorn.access")
+    access.handlers = [logging.StreamHandler()]
+    access.handlers[0].setFormatter(_logs.formatter(settings.log_format))
+    access.setLevel(logging.INFO)
+    access.propagate = False
+    config.accesslog = access
+    _logs.reformat([config.log.error_logger], settings.log_format)
     shutdown_trigger = partial(_drain_on_signal, app.extensions)
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(
@@ -91,7 +102,7 @@ async def _serve(settings: Settings) -> None:
 async def _drain_on_signal(extensions: dict[str, object]) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
-            print(f"chatsrv: {signal.Signals(signum).name}, draining", file=sys.stderr, flush=True)
+            log.info("%s: draining", signal.Signals(signum).name)
             break
     service = extensions.get("chatsrv")
     if isinstance(service, Service):

@@ -26,6 +26,8 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # "json": one JSON object a line (chatsrv's records and hypercorn's), for log shippers.
+    log_format: Literal["text", "json"] = "text"
 
     # Who may call the API. "keys": every request but the health checks and the API's
     # description carries `Authorization: Bearer <key>` (`chatsrv keys create --user NAME`), and

@@ -21,7 +21,7 @@ from quart_cors import cors
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from . import __version__
+from . import __version__, _logs
 from ._errors import ChatsrvError, StoreError, Unauthorized
 from ._service import Service, run_service
 from ._settings import Settings
@@ -34,6 +34,7 @@ from .http import (
     refuse_keyless,
     watch_worker_shutdown,
     worker_binds,
+    worker_loggers,
     worker_shutdown_event,
 )
 
@@ -49,7 +50,7 @@ _BODY_OVERHEAD_BYTES = 64 * 1024
 def create_app(settings: Settings | None = None) -> QuartTrio:
     """Build the application. Settings come from the environment unless given."""
     settings = settings if settings is not None else Settings()
-    _configure_logging(settings)
+    _logs.configure(settings.log_level, settings.log_format)
     app = QuartTrio(__name__)
     # A body larger than the longest message could be — 12 bytes a character, a character
     # outside the BMP escaped as two \uXXXX — is refused with 413 before it is read; the
@@ -77,6 +78,7 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
 
     @app.before_serving
     async def start_service() -> None:
+        _logs.reformat(worker_loggers(), settings.log_format)
         binds = worker_binds()  # None unless hypercorn's master started this process
         if settings.auth == "off" and binds is not None:
             refuse_keyless(binds)
@@ -148,12 +150,3 @@ def _error_response(status: int, body: dict[str, Any]) -> Response:
 # When a client may try again: a user at their stream limit soon, a server that is full or
 # draining (or whose database is away) a little later.
 _RETRY_AFTER = {429: "2", 503: "5"}
-
-
-def _configure_logging(settings: Settings) -> None:
-    logger = logging.getLogger("chatsrv")
-    logger.setLevel(settings.log_level)
-    if not logging.getLogger().handlers and not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logger.addHandler(handler)

@@ -75,7 +75,7 @@ async def test_serve_with_embedded_defaults_then_ctrl_c(tmp_path: Path) -> None:
                     process.kill()
                     with trio.move_on_after(5, shield=True):
                         await process.wait()
-    assert "chatsrv: SIGINT, draining" in stderr.text()
+    assert "INFO chatsrv: SIGINT: draining" in stderr.text()
     stderr.assert_clean()
 
     assert stream.text

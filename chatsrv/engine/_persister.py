@@ -81,9 +81,14 @@ class Persister:
         try:
             with trio.CancelScope(shield=True, deadline=backstop):
                 await self._hold(turn, deltas)
+                ended = trio.current_time()
                 await self._commit(turn)
+                saved = "committed"
                 if not turn.persisted:
                     await self._journal_final(turn)
+                    saved = "journaled"
+                if turn.persisted:
+                    self._log_end(turn, ended, saved)
         except Exception:
             log.exception("turn %s: the reply could not be saved", turn.message_id)
         finally:
@@ -170,13 +175,39 @@ class Persister:
             return
         if not found:
             log.info("turn %s: its conversation was deleted while it ran", turn.message_id)
+
+    def _log_end(self, turn: Turn, ended: float, saved: str) -> None:
+        """The turn's one line: how it ended, how long it took, and how long its reply took to
+        be saved once the generation was over (the fields are the JSON log's too)."""
+        outcome = turn.outcome
+        assert outcome is not None
+        first = None if turn.first_delta_at is None else turn.first_delta_at - turn.began
+        fields: dict[str, object] = {
+            "conversation_id": turn.conversation_id,
+            "message_id": turn.message_id,
+            "status": outcome.status,
+            "stop_reason": outcome.stop_reason,
+            "characters": turn.length,
+            "duration_s": round(ended - turn.began, 3),
+            "first_token_s": None if first is None else round(first, 3),
+            "saved": saved,
+            "save_ms": round((trio.current_time() - ended) * 1000, 1),
+        }
+        if self._settings.auth == "keys":
+            fields["user"] = turn.user
         log.info(
-            "turn %s conversation %s: %s/%s, %d characters",
+            "turn %s conversation %s: %s/%s, %d characters in %.2f s (first token %s), %s in "
+            "%.1f ms",
             turn.message_id,
             turn.conversation_id,
             outcome.status,
             outcome.stop_reason,
-            len(content),
+            turn.length,
+            fields["duration_s"],
+            "none" if first is None else f"{first:.2f} s",
+            fields["saved"],
+            fields["save_ms"],
+            extra=fields,
         )
 
     async def _journal_final(self, turn: Turn) -> None:

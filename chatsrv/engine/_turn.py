@@ -71,6 +71,8 @@ class Turn:
         self.message_id = message_id
         self.model = model
         self.started_at = started_at  # ISO 8601, as the assistant message's created_at
+        self.began = trio.current_time()
+        self.first_delta_at: float | None = None  # when the persister got the first delta
         # How long the turn goes on once its last client has left, waiting for one to resume
         # it: 0 stops it at once, math.inf lets it finish.
         self.disconnect_grace_s = disconnect_grace_s
@@ -123,6 +125,8 @@ class Turn:
 
     def extend(self, texts: list[str]) -> None:
         """Append deltas that arrived together; relays are woken once for all of them."""
+        if self.first_delta_at is None:
+            self.first_delta_at = trio.current_time()
         self._recent.extend(texts)
         self.deltas += len(texts)
         self.length += sum(map(len, texts))

@@ -14,7 +14,12 @@ Never the upstream layer (a route does not talk to a model), never the top-level
 from ._auth import CHALLENGE, Authenticator, refuse_keyless
 from ._close import closing_connections
 from ._contract import publish_contract
-from ._hypercorn import watch_worker_shutdown, worker_binds, worker_shutdown_event
+from ._hypercorn import (
+    watch_worker_shutdown,
+    worker_binds,
+    worker_loggers,
+    worker_shutdown_event,
+)
 from ._page import page
 from ._relay import PING, keep_alive, relay, replayed
 from ._routes import Backend, api
@@ -34,5 +39,6 @@ __all__ = [
     "replayed",
     "watch_worker_shutdown",
     "worker_binds",
+    "worker_loggers",
     "worker_shutdown_event",
 ]

@@ -59,6 +59,16 @@ def worker_binds() -> list[str] | None:
     return binds
 
 
+def worker_loggers() -> list[logging.Logger | None]:
+    """This hypercorn worker's error and access loggers (made now if hypercorn has not made them
+    yet, as it would for its first line); none if this is not a hypercorn worker process."""
+    config = _worker_arguments().get("config")
+    log = getattr(config, "log", None)
+    if log is None:
+        return []
+    return [getattr(log, "error_logger", None), getattr(log, "access_logger", None)]
+
+
 def _worker_arguments() -> dict[str, object]:
     """The keyword arguments of this process's target, if hypercorn's master started it."""
     kwargs = getattr(multiprocessing.current_process(), "_kwargs", None)
