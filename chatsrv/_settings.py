@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # "json": one JSON object a line (chatsrv's records and hypercorn's), for log shippers.
     log_format: Literal["text", "json"] = "text"
+    # GET /metrics (Prometheus): "public" to anyone who can reach it, "keys" only with an API key
+    # (CHATSRV_AUTH=keys; with auth off it is the local user's, as every route), "off" not at all.
+    metrics: Literal["public", "keys", "off"] = "public"
 
     # Who may call the API. "keys": every request but the health checks and the API's
     # description carries `Authorization: Bearer <key>` (`chatsrv keys create --user NAME`), and

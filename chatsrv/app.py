@@ -21,7 +21,7 @@ from quart_cors import cors
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from . import __version__, _logs
+from . import __version__, _logs, _metrics
 from ._errors import ChatsrvError, StoreError, Unauthorized
 from ._service import Service, run_service
 from ._settings import Settings
@@ -104,6 +104,7 @@ def create_app(settings: Settings | None = None) -> QuartTrio:
             await service.closed.wait()
         if not service.closed.is_set():
             log.error("the service did not close within %.1f s", bound)
+        _metrics.process_exiting()
 
     @app.errorhandler(ChatsrvError)
     async def chatsrv_error(error: ChatsrvError) -> Response:

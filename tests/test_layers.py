@@ -19,8 +19,8 @@ import chatsrv
 
 PACKAGE = Path(chatsrv.__file__).resolve().parent
 
-# Who may import whom. "base" is _settings and _errors; "top" is app, _cli, _service and the
-# package's own __init__ and __main__, which compose everything.
+# Who may import whom. "base" is _settings, _errors and _metrics; "top" is app, _cli, _service
+# and the package's own __init__ and __main__, which compose everything.
 ALLOWED = {
     "top": {"top", "http", "engine", "store", "upstream", "base"},
     "http": {"http", "engine", "store", "base"},
@@ -60,7 +60,7 @@ def layer(module: str) -> str:
     parts = module.split(".")
     if len(parts) > 1 and parts[1] in LAYERS:
         return parts[1]
-    if module in ("chatsrv._settings", "chatsrv._errors"):
+    if module in ("chatsrv._settings", "chatsrv._errors", "chatsrv._metrics"):
         return "base"
     return "top"
 

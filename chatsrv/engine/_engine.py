@@ -68,6 +68,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from chatsrv import _metrics as metrics
 from chatsrv._errors import (
     ExistingTurn,
     NotContinuable,
@@ -260,6 +261,7 @@ class TurnEngine:
                         start.reply.send_nowait(exc)
                     return
                 self._turns[turn.message_id] = turn
+                metrics.TURNS_RUNNING.inc()
             finally:
                 self._starting -= 1
                 self._maybe_idle()
@@ -287,6 +289,7 @@ class TurnEngine:
                 nursery.cancel_scope.cancel(reason="the generation has ended")
         finally:
             del self._turns[turn.message_id]
+            metrics.TURNS_RUNNING.dec()
             self._maybe_idle()
 
     async def _begin(self, request: TurnRequest) -> tuple[Turn, list[dict[str, str]]]:
@@ -386,6 +389,7 @@ class TurnEngine:
             with turn.generation_scope:
                 completion = await self._provider.generate(prompt, deltas.send_nowait)
         except UpstreamError as exc:
+            metrics.UPSTREAM_ERRORS.labels(exc.code).inc()
             turn.outcome = Outcome(
                 Status.FAILED, StopReason.UPSTREAM_ERROR, exc.code, f"{exc.code}: {exc.message}"
             )

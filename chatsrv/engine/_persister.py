@@ -28,6 +28,7 @@ import logging
 import tenacity
 import trio
 
+from chatsrv import _metrics as metrics
 from chatsrv._errors import StoreError, StoreUnavailable
 from chatsrv._settings import Settings
 from chatsrv.store import Store
@@ -88,7 +89,7 @@ class Persister:
                     await self._journal_final(turn)
                     saved = "journaled"
                 if turn.persisted:
-                    self._log_end(turn, ended, saved)
+                    self._record_end(turn, ended, saved)
         except Exception:
             log.exception("turn %s: the reply could not be saved", turn.message_id)
         finally:
@@ -133,8 +134,10 @@ class Persister:
                         lease_s=self._settings.lease_s,
                     )
             except (StoreError, trio.TooSlowError) as exc:
+                metrics.CHECKPOINTS.labels("failed").inc()
                 log.warning("turn %s: checkpoint failed (%r)", turn.message_id, exc)
                 continue
+            metrics.CHECKPOINTS.labels("written").inc()
             if written:
                 saved = len(content)
             else:  # the row is gone (its conversation was deleted) or was never ours
@@ -176,12 +179,18 @@ class Persister:
         if not found:
             log.info("turn %s: its conversation was deleted while it ran", turn.message_id)
 
-    def _log_end(self, turn: Turn, ended: float, saved: str) -> None:
-        """The turn's one line: how it ended, how long it took, and how long its reply took to
-        be saved once the generation was over (the fields are the JSON log's too)."""
+    def _record_end(self, turn: Turn, ended: float, saved: str) -> None:
+        """The turn's one line, and its figures: how it ended, how long it took, and how long
+        its reply took to be saved once the generation was over (the fields are the JSON
+        log's too)."""
         outcome = turn.outcome
         assert outcome is not None
         first = None if turn.first_delta_at is None else turn.first_delta_at - turn.began
+        save_s = trio.current_time() - ended
+        metrics.TURNS_ENDED.labels(outcome.status, outcome.stop_reason or "").inc()
+        metrics.SAVE_SECONDS.observe(save_s)
+        if first is not None:
+            metrics.FIRST_TOKEN_SECONDS.observe(first)
         fields: dict[str, object] = {
             "conversation_id": turn.conversation_id,
             "message_id": turn.message_id,
@@ -191,7 +200,7 @@ class Persister:
             "duration_s": round(ended - turn.began, 3),
             "first_token_s": None if first is None else round(first, 3),
             "saved": saved,
-            "save_ms": round((trio.current_time() - ended) * 1000, 1),
+            "save_ms": round(save_s * 1000, 1),
         }
         if self._settings.auth == "keys":
             fields["user"] = turn.user
@@ -224,6 +233,8 @@ class Persister:
         with trio.move_on_after(_JOURNAL_DEADLINE_S):
             await self._journal.append(record)
             turn.persisted = True
+            metrics.JOURNAL_APPENDS.inc()
+            metrics.JOURNAL_WAITING.set(self._journal.pending)
             log.warning(
                 "turn %s: journaled %s/%s, %d characters, for replay when the database is back",
                 turn.message_id,
@@ -236,6 +247,7 @@ class Persister:
 
 
 def _log_retry(state: tenacity.RetryCallState) -> None:
+    metrics.PERSIST_RETRIES.inc()
     log.warning(
         "the database is unavailable (attempt %d): %s; retrying",
         state.attempt_number,

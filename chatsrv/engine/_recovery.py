@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 import trio
 
+from chatsrv import _metrics as metrics
 from chatsrv._errors import StoreError, StoreUnavailable
 from chatsrv.store import Store
 
@@ -97,5 +98,7 @@ async def replay(journal: Journal, store: Store) -> int:
         log.warning("journal replay stopped, the database is unavailable: %s", exc)
         return 0
     if applied:
+        metrics.JOURNAL_REPLAYS.inc(applied)
+        metrics.JOURNAL_WAITING.set(journal.pending)
         log.warning("replayed %d journaled reply(ies) into the database", applied)
     return applied

@@ -40,6 +40,7 @@ from typing import Any
 import orjson
 import trio
 
+from chatsrv import _metrics as metrics
 from chatsrv.engine import Piece, Turn
 
 PING = b": ping\n\n"
@@ -135,22 +136,26 @@ async def followed(
     """Stream a reply that another process writes, from what its follower's ``updates`` yield
     (``Follower.updates``): from its ``start`` event (``after=None``) or from character
     ``after`` on."""
-    if after is None:
-        yield _stored_start(message)
-    sent = after or 0
-    # Closed with this generator, wherever the client leaves it: not left to the collector.
-    async with aclosing(updates):
-        async for update in updates:
-            if update is None:
-                yield PING
-            elif isinstance(update, Piece):
-                yield delta_event(update.text, update.end)
-                sent = update.end
-            else:
-                yield _stored_end(update, after=sent)
-                return
-    # The row is gone: its conversation was deleted while the reply streamed.
-    yield _error("not_found", "the message was deleted")
+    metrics.SSE_CLIENTS.inc()
+    try:
+        if after is None:
+            yield _stored_start(message)
+        sent = after or 0
+        # Closed with this generator, wherever the client leaves it: not left to the collector.
+        async with aclosing(updates):
+            async for update in updates:
+                if update is None:
+                    yield PING
+                elif isinstance(update, Piece):
+                    yield delta_event(update.text, update.end)
+                    sent = update.end
+                else:
+                    yield _stored_end(update, after=sent)
+                    return
+        # The row is gone: its conversation was deleted while the reply streamed.
+        yield _error("not_found", "the message was deleted")
+    finally:
+        metrics.SSE_CLIENTS.dec()
 
 
 async def relay(
@@ -161,6 +166,7 @@ async def relay(
     ``announce``, after a ``start`` event all the same: a continued reply), to its ``done``
     event."""
     turn.attach()
+    metrics.SSE_CLIENTS.inc()
     try:
         if after is None or announce:
             yield start_event(turn)
@@ -183,6 +189,7 @@ async def relay(
                 yield PING  # woken with nothing new: by keep_alive
         yield closing_events(turn)
     finally:
+        metrics.SSE_CLIENTS.dec()
         turn.detach()
 
 

@@ -22,9 +22,10 @@ import orjson
 import trio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from quart import Blueprint, Response, current_app, g, request
-from quart_schema import document_querystring, document_request, document_response
+from quart_schema import document_querystring, document_request, document_response, hide
 
 from chatsrv._errors import ExistingTurn, InvalidRequest, NotFound, StoreError
+from chatsrv._metrics import REQUESTS, exposition
 from chatsrv._settings import Settings
 from chatsrv.engine import Journal, Peers, TurnEngine, TurnRequest
 from chatsrv.store import Conversation, Message, Store
@@ -161,6 +162,8 @@ async def authenticate() -> None:
     """Find the request's user before any route runs (a CORS preflight has none)."""
     if request.endpoint in _PUBLIC or request.method == "OPTIONS":
         return
+    if request.endpoint == "api.metrics" and _service().settings.metrics == "public":
+        return
     g.chatsrv_user = await _service().authenticator.user(request.headers.get("Authorization"))
 
 
@@ -178,6 +181,24 @@ def _json(body: Any, status: int = 200) -> Response:
 async def healthz() -> Response:
     """The process is up and serving HTTP."""
     return _json({"status": "ok"})
+
+
+@api.get("/metrics")
+@hide
+async def metrics() -> Response:
+    """The server's figures in Prometheus's text format (``chatsrv/_metrics.py``)."""
+    if _service().settings.metrics == "off":
+        raise NotFound("not found")
+    body, content_type = exposition()
+    return Response(body, status=200, content_type=content_type)
+
+
+@api.after_app_request
+async def count(response: Response) -> Response:
+    """Count every request by its route (the rule, not the path: ids would be endless labels)."""
+    route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+    REQUESTS.labels(route, str(response.status_code)).inc()
+    return response
 
 
 @api.get("/readyz")
