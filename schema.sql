@@ -7,6 +7,13 @@
 -- are no defaults. SQLite accepts the PostgreSQL type names. Ids are stored there as canonical
 -- dashed UUID strings, which its NUMERIC affinity for the name UUID leaves as text.
 
+-- The database's own id, made once by its first migration to hold it: the local journal keeps
+-- each database's replies apart (CHATSRV_JOURNAL_DIR/<id>/), whatever URL reaches it.
+CREATE TABLE IF NOT EXISTS database_identity (
+    id UUID PRIMARY KEY,
+    created_at TIMESTAMPTZ NOT NULL
+);
+
 -- Whom conversations belong to. The user 'local' (id 00000000-0000-0000-0000-000000000000) is
 -- every request when CHATSRV_AUTH=off, and owns the conversations made before users existed.
 CREATE TABLE IF NOT EXISTS users (

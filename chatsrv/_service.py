@@ -12,6 +12,7 @@ open for the requests still being answered, until ``stop()``.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -32,6 +33,8 @@ from .engine import (
 from .http import Authenticator, keep_alive
 from .store import Store
 from .upstream import open_provider
+
+log = logging.getLogger("chatsrv")
 
 
 @dataclass
@@ -67,7 +70,7 @@ async def run_service(
                 timeout_s=settings.db_timeout_s,
                 upgrade=settings.upgrades_schema,
             ) as store,
-            _open_journal(settings, instance_id) as journal,
+            _open_journal(settings, instance_id, await store.identity()) as journal,
             open_provider(settings) as provider,
         ):
             persister = Persister(store, journal, settings, owner=instance_id)
@@ -107,8 +110,21 @@ async def run_service(
 
 
 @contextlib.asynccontextmanager
-async def _open_journal(settings: Settings, instance_id: str) -> AsyncIterator[Journal]:
-    journal = Journal(settings.journal_dir, instance_id)
+async def _open_journal(
+    settings: Settings, instance_id: str, database: str
+) -> AsyncIterator[Journal]:
+    """The journal of this database: its replies are kept apart from any other's in the same
+    directory, so that none is ever replayed into the wrong database."""
+    unkeyed = sorted(settings.journal_dir.glob("*.jsonl"))
+    if unkeyed:
+        log.warning(
+            "%s holds %d journal file(s) from before journals were kept per database: they are "
+            "not replayed. Move them into %s if they are this database's replies.",
+            settings.journal_dir,
+            len(unkeyed),
+            settings.journal_dir / database,
+        )
+    journal = Journal(settings.journal_dir / database, instance_id)
     await journal.open()
     try:
         yield journal

@@ -343,7 +343,7 @@ async def test_sigterm_with_the_database_unreachable_journals_then_replays_after
     # persister says so, at ERROR, for each reply it journals instead.
     server.log.assert_clean(r" ERROR chatsrv\.persister: turn \S+: no final commit within ")
 
-    [journal] = journal_dir.glob("*.jsonl")
+    [journal] = journal_dir.glob("*/*.jsonl")
     records = [orjson.loads(line) for line in journal.read_bytes().splitlines()]
     assert sorted(r["message_id"] for r in records) == sorted(
         s.message_id for s in streams.values()

@@ -33,7 +33,7 @@ async def test_db_init_applies_the_schema_once(tmp_path: Path) -> None:
             assert run.returncode == 0, run.stderr.decode(errors="replace")
             assert_clean_log(run.stderr.decode(errors="replace"))
             runs.append(run.stdout.decode().strip())
-    assert runs == ["applied 0001, 0002, 0003", "the schema is up to date"]
+    assert runs == ["applied 0001, 0002, 0003, 0004", "the schema is up to date"]
 
 
 async def test_serve_with_embedded_defaults_then_ctrl_c(tmp_path: Path) -> None:

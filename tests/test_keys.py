@@ -190,7 +190,7 @@ async def test_serve_refuses_a_schema_behind_and_db_upgrade_brings_it_to_head(
     assert out(current).startswith("database at 0001;")
     upgraded = await chatsrv(env, "db", "upgrade")
     assert upgraded.returncode == 0, err(upgraded)
-    assert out(upgraded).strip() == "applied 0002, 0003"
+    assert out(upgraded).strip() == "applied 0002, 0003, 0004"
     with sqlite3.connect(database) as conn:
         owners = conn.execute("SELECT title, user_id FROM conversations").fetchall()
     assert owners == [("old", "00000000-0000-0000-0000-000000000000")]

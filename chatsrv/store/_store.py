@@ -134,6 +134,13 @@ class Store:
         """The migration the database is at (None: it is empty)."""
         return (await self._call(self._migrating(_migrate.version))).revision
 
+    async def identity(self) -> str:
+        """The database's own id (made by its migrations), whatever URL reaches it."""
+        rows = await self._call(self._read(lambda: text("SELECT id FROM database_identity")))
+        if len(rows) != 1:
+            raise StoreError(f"the database has {len(rows)} identities, not one")
+        return str(rows[0]["id"])
+
     async def upgrade_schema(self) -> list[str]:
         """Apply the migrations the database lacks; return their revisions, oldest first."""
         return await self._call(self._migrating(_migrate.upgrade))

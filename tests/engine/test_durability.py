@@ -5,6 +5,7 @@ wrote, or did not, is counted in the database itself (``Chatsrv.count_rows``).""
 from __future__ import annotations
 
 import signal
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -286,3 +287,54 @@ async def test_a_sweeper_never_takes_another_live_servers_rows(
     assert stream.done is not None and stream.done["status"] == "complete"
     [_, reply] = await sweeping.messages(conversation_id)
     assert (reply["status"], reply["content"]) == ("complete", "".join(TOKENS[:3]))
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_journal_shared_by_two_databases_replays_each_reply_into_its_own(
+    start_chatsrv: StartChatsrv, upstream: Any, tmp_path: Path
+) -> None:
+    """Two deployments on different databases share one journal directory. A reply journaled
+    for the first is left alone by the second (which would have found no row for it, counted
+    it applied and removed it: the reply lost), and replayed once the first is back."""
+    journal_dir = tmp_path / "shared-journal"
+    knobs: dict[str, Any] = {
+        "journal_dir": journal_dir,
+        "persist_retry_s": 0.5,
+        "persist_grace_s": 0.5,
+        "sweep_interval_s": SWEEP_INTERVAL_S,
+    }
+    first_url = f"sqlite+aiosqlite:///{tmp_path / 'first.db'}"
+    first = await start_chatsrv(database_url=first_url, **knobs)
+    upstream.script.tokens = ["kept ", "apart"]
+    conversation_id = await first.new_conversation()
+
+    def final_commits_fail(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.lstrip().upper().startswith("UPDATE MESSAGES") and "owner=" in statement:
+            raise sqlite3.OperationalError("database is locked")
+
+    with first.before_each_statement(final_commits_fail), trio.fail_after(30):
+        stream = await first.stream(conversation_id)
+        assert first.service.journal.holds_records()
+        # The first deployment stops with its reply still in the journal.
+        first.service.engine.drain()
+        first.shutdown.set()
+        await first.service.closed.wait()
+    [record] = journal_dir.glob("*/*.jsonl")
+    assert stream.message_id.encode() in record.read_bytes()
+
+    second = await start_chatsrv(
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'second.db'}", **knobs
+    )
+    sweeps = SweepCounter()
+    with second.before_each_statement(sweeps), trio.fail_after(30):
+        await sweeps.wait_for(3)  # three recovery rounds, each replaying first
+    assert record.exists() and stream.message_id.encode() in record.read_bytes()
+    assert record.parent != second.service.journal.directory
+
+    again = await start_chatsrv(database_url=first_url, **knobs)
+    with trio.fail_after(30):
+        while (await again.message(stream.message_id))["status"] == "streaming":  # noqa: ASYNC110
+            await trio.sleep(0.05)
+    stored = await again.message(stream.message_id)
+    assert (stored["status"], stored["content"]) == ("complete", "kept apart")
+    assert stream.text == "kept apart"

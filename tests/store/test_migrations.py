@@ -209,6 +209,7 @@ async def test_schema_file_is_the_migrations_head(new_database: Callable[[], str
     assert [fact for fact in written if " " not in fact] == [
         "api_keys",
         "conversations",
+        "database_identity",
         "messages",
         "users",
     ]
@@ -362,7 +363,7 @@ async def test_an_unversioned_schema_is_upgraded_to_head_keeping_every_row(
 
     with trio.fail_after(30):
         async with Store.open(url, upgrade=True) as store:
-            assert await store.schema_revision() == head() == "0003"
+            assert await store.schema_revision() == head() == "0004"
             owners, users = await execute(
                 store,
                 "SELECT CAST(id AS TEXT) AS id, CAST(user_id AS TEXT) AS user_id "
@@ -375,7 +376,7 @@ async def test_an_unversioned_schema_is_upgraded_to_head_keeping_every_row(
                 assert await execute(store, "PRAGMA foreign_key_check") == [[]]
                 assert await scalar(store, "PRAGMA foreign_keys") == 1
     applied = [r.getMessage() for r in caplog.records if r.getMessage().startswith("applied")]
-    later = ["0002", "0003"] if revision == "0001" else ["0003"]
+    later = ["0002", "0003", "0004"] if revision == "0001" else ["0003", "0004"]
     assert applied == [f"applied migration {step}" for step in later]
 
     after = await snapshot(url)
@@ -565,7 +566,7 @@ async def test_stores_opening_an_empty_database_at_once_migrate_it_once(
 
     assert revisions == [head(), head()]
     applied = [r.getMessage() for r in caplog.records if r.getMessage().startswith("applied")]
-    assert applied == ["applied migration 0001", "applied migration 0002", "applied migration 0003"]
+    assert applied == [f"applied migration {step}" for step in ("0001", "0002", "0003", "0004")]
     async with Store.open(url, init_schema=False) as store:
         [users] = await execute(store, "SELECT CAST(id AS TEXT) AS id, name FROM users")
         assert users == [{"id": LOCAL_USER_ID, "name": "local"}]

@@ -258,7 +258,7 @@ async def test_finish_reply_touches_only_assistant_rows(store: Store) -> None:
 
 def test_schema_file_splits_into_plain_statements() -> None:
     statements = schema_statements()
-    assert len(statements) == 9
+    assert len(statements) == 10
     assert all(";" not in s and "--" not in s for s in statements)
     assert "now()" not in " ".join(statements).lower()
 
@@ -280,6 +280,7 @@ async def test_upgrade_schema_on_an_empty_database_runs_once(database_url: str) 
             "DROP TABLE IF EXISTS conversations",
             "DROP TABLE IF EXISTS api_keys",
             "DROP TABLE IF EXISTS users",
+            "DROP TABLE IF EXISTS database_identity",
             "DROP TABLE IF EXISTS alembic_version",
         )
         assert await a.schema_revision() is None
@@ -292,7 +293,7 @@ async def test_upgrade_schema_on_an_empty_database_runs_once(database_url: str) 
             async with trio.open_nursery() as nursery:  # two workers starting at once
                 nursery.start_soon(upgrade, a)
                 nursery.start_soon(upgrade, b)
-        assert sorted(results) == [[], ["0001", "0002", "0003"]]
+        assert sorted(results) == [[], ["0001", "0002", "0003", "0004"]]
         assert await a.upgrade_schema() == []
         assert await a.schema_revision() == head()
         await new_turn(b)
