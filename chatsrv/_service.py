@@ -90,7 +90,7 @@ async def run_service(
                     partial(keep_leases, store, instance_id, ours, lease_s=settings.lease_s)
                 )
                 nursery.start_soon(
-                    partial(recover_forever, journal, store, instance_id, interval_s=every)
+                    partial(recover_forever, journal, store, instance_id, ours, interval_s=every)
                 )
                 nursery.start_soon(
                     partial(keep_alive, engine.turns, heartbeat_s=settings.heartbeat_s)

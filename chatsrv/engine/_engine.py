@@ -64,7 +64,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass, field
+from typing import TypeGuard
 
 import trio
 
@@ -78,7 +80,7 @@ from chatsrv._errors import (
     UpstreamError,
 )
 from chatsrv._settings import Settings
-from chatsrv.store import Store, TurnStart
+from chatsrv.store import Message, Store, TurnStart
 from chatsrv.upstream import Prompt, Provider
 
 from ._persister import Persister
@@ -146,6 +148,8 @@ class TurnEngine:
         self.owner = owner
         self._turns: dict[str, Turn] = {}
         self._starting = 0  # turns asked for and not yet registered in _turns
+        # Starts under way by conversation and Idempotency-Key (see _lost_start).
+        self._keyed_starts: Counter[tuple[str, str | None]] = Counter()
         # Unbounded: what waits here is bounded by the HTTP requests waiting in start_turn.
         self._inbox_tx, self._inbox_rx = trio.open_memory_channel[_Start](math.inf)
         self._nursery: trio.Nursery | None = None
@@ -294,30 +298,22 @@ class TurnEngine:
 
     async def _begin(self, request: TurnRequest) -> tuple[Turn, list[dict[str, str]]]:
         """Insert the turn's rows; the Turn, and the prompt's messages."""
-        # Shielded so that a shutdown arriving mid-insert cannot leave behind a 'streaming' row
-        # that no turn owns; bounded because a shield without a deadline could hang shutdown.
-        settings = self._settings
-        with trio.move_on_after(settings.db_timeout_s, shield=True) as starting:
-            if request.continues is not None:
-                begun = await self._store.begin_continuation(
-                    request.continues,
-                    user=request.user,
-                    owner=self.owner,
-                    lease_s=settings.lease_s,
-                    max_streams=settings.max_streams_per_user,
-                )
-            else:
-                begun = await self._store.begin_turn(
-                    request.conversation_id,
-                    user=request.user,
-                    content=request.content,
-                    model=request.model,
-                    default_model=settings.model,
-                    owner=self.owner,
-                    lease_s=settings.lease_s,
-                    max_streams=settings.max_streams_per_user,
-                    idempotency_key=request.idempotency_key,
-                )
+        key = (request.conversation_id, request.idempotency_key)
+        self._keyed_starts[key] += 1
+        try:
+            # Shielded so that a shutdown arriving mid-insert cannot leave behind a 'streaming'
+            # row that no turn owns; bounded because a shield without a deadline could hang
+            # shutdown. (Should the insert commit after the bound all the same, its row is
+            # swept, and a retry with its Idempotency-Key starts the turn anew: _lost_start.)
+            with trio.move_on_after(self._settings.db_timeout_s, shield=True) as starting:
+                begun = await self._insert(request)
+                if self._lost_start(begun, key):
+                    await self._store.abandon(begun.assistant_message["id"], owner=self.owner)
+                    begun = await self._insert(request)  # which forgets the lost start
+        finally:
+            self._keyed_starts[key] -= 1
+            if not self._keyed_starts[key]:
+                del self._keyed_starts[key]
         if starting.cancelled_caught:
             raise StoreUnavailable("the database did not start the turn in time")
         if begun is None:
@@ -346,6 +342,42 @@ class TurnEngine:
                 {"role": "user", "content": CONTINUE_INSTRUCTION},
             ]
         return turn, history
+
+    async def _insert(self, request: TurnRequest) -> TurnStart | Message | None:
+        settings = self._settings
+        if request.continues is not None:
+            return await self._store.begin_continuation(
+                request.continues,
+                user=request.user,
+                owner=self.owner,
+                lease_s=settings.lease_s,
+                max_streams=settings.max_streams_per_user,
+            )
+        return await self._store.begin_turn(
+            request.conversation_id,
+            user=request.user,
+            content=request.content,
+            model=request.model,
+            default_model=settings.model,
+            owner=self.owner,
+            lease_s=settings.lease_s,
+            max_streams=settings.max_streams_per_user,
+            idempotency_key=request.idempotency_key,
+        )
+
+    def _lost_start(
+        self, begun: TurnStart | Message | None, key: tuple[str, str | None]
+    ) -> TypeGuard[TurnStart]:
+        """Whether the Idempotency-Key names a reply this process was starting, whose insert
+        outlived its bound and committed all the same: it is ours and streaming, no turn of
+        ours runs it, and no other request is starting it now."""
+        return (
+            isinstance(begun, TurnStart)
+            and begun.existing
+            and begun.owner == self.owner
+            and begun.assistant_message["id"] not in self._turns
+            and self._keyed_starts[key] == 1
+        )
 
     async def _mind_clients(self, turn: Turn, grace_s: float) -> None:
         """The disconnect policy: stop the turn once it has had no client for ``grace_s`` (at

@@ -52,14 +52,23 @@ async def keep_leases(
             log.warning("could not renew this process's leases: %s", exc)
 
 
-async def recover_forever(journal: Journal, store: Store, owner: str, *, interval_s: float) -> None:
+async def recover_forever(
+    journal: Journal,
+    store: Store,
+    owner: str,
+    ours: Callable[[], list[str]],
+    *,
+    interval_s: float,
+) -> None:
     """At startup and every ``interval_s``: replay the journal, then sweep, then forget old
     Idempotency-Keys. Replay comes first, so that a reply waiting in the journal is written
-    before a sweep could mark its row ``server_crash``."""
+    before a sweep could mark its row ``server_crash``. The sweep takes the expired rows of
+    dead processes, and this process's own that ``ours()`` (its running turns and journaled
+    replies) does not name: starts that outlived their bound, which no turn runs."""
     while True:
         try:
             await replay(journal, store)
-            swept = await store.sweep(owner)
+            swept = await store.sweep(owner, keep=ours())
             if swept:
                 log.warning("marked %d reply(ies) of dead processes server_crash", swept)
             await store.forget_idempotency_keys()

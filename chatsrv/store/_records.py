@@ -67,8 +67,10 @@ class TurnStart:
     # The upstream prompt: the system prompt if any, earlier messages with content, the new one.
     history: list[dict[str, str]]
     # True when the Idempotency-Key named a turn that already exists: the messages are that
-    # turn's, nothing was written, and the history is empty.
+    # turn's, nothing was written, and the history is empty; ``owner`` is the process that
+    # streams its reply, while it streams.
     existing: bool = False
+    owner: str | None = None
 
 
 class Clock:

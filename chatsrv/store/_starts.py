@@ -90,6 +90,11 @@ class Starts:
         return TurnStart(message_record(user), message_record(assistant), history)
 
     async def _keyed_turn(self, cid: str, user_id: str, key: str) -> TurnStart | None:
+        """The turn ``key`` names, if there is one. A turn whose reply ended empty in a crash is
+        forgotten instead (both its messages deleted), as if it never happened: its start was
+        lost before anything was generated (its process died, or the start outlived its bound
+        and no turn ever ran it), so a retry with its key starts it again rather than replay
+        an empty reply."""
         async with self._engine.begin() as conn:
             conv = await select_conversation(conn, cid, user_id)
             if conv is None:
@@ -100,11 +105,21 @@ class Starts:
             user = (await conn.execute(sql.message(assistant._mapping["parent_id"]))).first()
         if user is None:  # the schema cannot say so, but nothing deletes one message alone
             raise StoreError(f"the user message of turn {assistant._mapping['id']} is missing")
+        reply = assistant._mapping
+        if (reply["status"], reply["stop_reason"], reply["content"]) == (
+            "interrupted",
+            "server_crash",
+            "",
+        ):
+            async with self._writer.begin() as conn:
+                await conn.execute(sql.forget_turn(user._mapping["id"], reply["id"]))
+            return None
         return TurnStart(
             message_record(user._mapping),
-            message_record(assistant._mapping),
+            message_record(reply),
             [],
             existing=True,
+            owner=reply["owner"] if reply["status"] == "streaming" else None,
         )
 
     async def begin_continuation(

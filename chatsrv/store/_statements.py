@@ -338,14 +338,18 @@ def renew_leases(owner: str, ids: list[str], expires: datetime) -> Update:
     )
 
 
-def sweep(sweeper: str, now: datetime) -> Update:
+def sweep(sweeper: str, now: datetime, keep: list[str] | None) -> Update:
+    """Expired rows of other processes, and (given ``keep``) of the sweeper's own that are not
+    in it: rows whose start outlived its bound, which no turn of the sweeper's runs."""
+    # Never our own rows that ``keep`` names (or all of them, without it): this process is
+    # alive, whatever their leases say.
+    others = messages.c.owner != sweeper
     return (
         update(messages)
         .where(
             messages.c.status == "streaming",
             messages.c.lease_expires_at < now,
-            # Never our own rows: this process is alive, whatever its leases say.
-            messages.c.owner != sweeper,
+            others if keep is None else or_(others, messages.c.id.not_in(keep)),
         )
         # The owner stays: should it be alive after all (stalled past its lease, cut off
         # from the database), its next checkpoint or renewal takes the row back.
@@ -356,6 +360,34 @@ def sweep(sweeper: str, now: datetime) -> Update:
             updated_at=now,
         )
     )
+
+
+def abandon(mid: str, owner: str, now: datetime) -> Update:
+    """A reply of ``owner``'s that no turn streams (its start outlived its bound), ended as a
+    crash's would be: interrupted/server_crash, with what it holds (nothing)."""
+    return (
+        update(messages)
+        .where(messages.c.id == mid, messages.c.owner == owner, messages.c.status == "streaming")
+        .values(
+            status="interrupted",
+            stop_reason="server_crash",
+            lease_expires_at=None,
+            updated_at=now,
+        )
+    )
+
+
+def forget_turn(user_mid: str, assistant_mid: str) -> Delete:
+    """A turn that never was: its user message and its reply, if the reply is still one that
+    ended empty in a crash (see ``Starts._keyed_turn``)."""
+    reply = messages.alias("reply")  # never correlated with the rows being deleted
+    empty = select(reply.c.id).where(
+        reply.c.id == assistant_mid,
+        reply.c.status == "interrupted",
+        reply.c.stop_reason == "server_crash",
+        reply.c.content == "",
+    )
+    return delete(messages).where(messages.c.id.in_([user_mid, assistant_mid]), empty.exists())
 
 
 def forget_keys(now: datetime) -> Update:

@@ -291,11 +291,22 @@ class Store:
             return 0
         return await self._call(self._renew_leases(owner, ids, lease_s))
 
-    async def sweep(self, sweeper: str) -> int:
+    async def sweep(self, sweeper: str, *, keep: list[str] | None = None) -> int:
         """Mark streaming rows of other processes whose lease expired (their process died)
-        'interrupted' with stop_reason 'server_crash', keeping their checkpointed content.
-        Return how many replies were swept."""
-        return await self._call(self._write(lambda: sql.sweep(sweeper, CLOCK.now())))
+        'interrupted' with stop_reason 'server_crash', keeping their checkpointed content; with
+        ``keep``, also the sweeper's own expired rows that it does not name (rows whose start
+        outlived its bound: no turn streams them). Return how many replies were swept."""
+        ids = None if keep is None else [mid for mid in map(parse_id, keep) if mid is not None]
+        return await self._call(self._write(lambda: sql.sweep(sweeper, CLOCK.now(), ids)))
+
+    async def abandon(self, message_id: str, *, owner: str) -> bool:
+        """End a streaming reply of ``owner``'s that no turn streams, as a crash would have
+        ended it (interrupted/server_crash); return whether there was one."""
+
+        def abandon(mid: str) -> Coroutine[Any, Any, int]:
+            return self._write(lambda: sql.abandon(mid, owner, CLOCK.now()))
+
+        return await self._by_id(message_id, abandon, 0) > 0
 
     async def running_replies(self, *, user: str) -> list[RunningReply]:
         """The user's replies streamed now by live processes (whose lease runs), oldest first."""

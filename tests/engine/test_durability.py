@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import signal
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import httpx
 import orjson
 import pytest
 import trio
+from sqlalchemy import event
 
 from chatsrv.store import LOCAL_USER_ID
 from tests.processes import chatsrv_environment, start_hypercorn
@@ -338,3 +340,61 @@ async def test_a_journal_shared_by_two_databases_replays_each_reply_into_its_own
     stored = await again.message(stream.message_id)
     assert (stored["status"], stored["content"]) == ("complete", "kept apart")
     assert stream.text == "kept apart"
+
+
+class LateStart:
+    """An ``after_cursor_execute`` hook that stalls the store's loop after the first turn's
+    INSERT has run (on PostgreSQL it is committed then: one statement, autocommit) until the
+    engine's bound on the start has passed: a start that commits after its bound."""
+
+    def __init__(self, stall_s: float) -> None:
+        self.stall_s = stall_s
+        self.stalled = 0
+
+    def __call__(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if not self.stalled and "INSERT INTO messages" in statement:
+            self.stalled += 1
+            time.sleep(self.stall_s)
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("retry", ["at once", "after the sweep"])
+async def test_a_start_that_commits_after_its_bound_is_as_if_it_never_happened(
+    start_chatsrv: StartChatsrv, upstream: Any, retry: str
+) -> None:
+    chatsrv = await start_chatsrv(db_timeout_s=1.0, lease_s=4.0, sweep_interval_s=0.2)
+    upstream.script.tokens = ["started ", "again"]
+    conversation_id = await chatsrv.new_conversation()
+    late = LateStart(stall_s=1.5)
+    engine = chatsrv.service.store._engine.sync_engine
+    event.listen(engine, "after_cursor_execute", late)
+    try:
+        with trio.fail_after(30):
+            refused = await post(chatsrv, conversation_id, "hello", "K")
+    finally:
+        event.remove(engine, "after_cursor_execute", late)
+    assert late.stalled == 1
+    assert refused.status_code == 503, refused.text
+    [_, lost] = await chatsrv.messages(conversation_id)  # committed after the bound all the same
+    assert (lost["status"], lost["content"]) == ("streaming", "")
+    if retry == "after the sweep":
+        # No turn runs it: this process's own sweeper takes it once its lease has expired.
+        with trio.fail_after(30):
+            swept = await wait_until_swept(chatsrv, lost["id"])
+        assert (swept["status"], swept["stop_reason"]) == ("interrupted", "server_crash")
+
+    with trio.fail_after(30):
+        stream = await chatsrv.read_events(
+            "POST",
+            f"/v1/conversations/{conversation_id}/messages",
+            json={"content": "hello"},
+            headers={"Idempotency-Key": "K"},
+        )
+    assert stream.done is not None and stream.done["status"] == "complete"
+    assert stream.text == "started again"
+    messages = await chatsrv.messages(conversation_id)
+    assert [(m["role"], m["status"], m["content"]) for m in messages] == [
+        ("user", "complete", "hello"),
+        ("assistant", "complete", "started again"),
+    ]
+    assert lost["id"] not in {m["id"] for m in messages}
