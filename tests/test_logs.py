@@ -30,9 +30,15 @@ def json_lines(text: str) -> list[dict[str, Any]]:
     return lines
 
 
-async def serve(command: list[str], env: dict[str, str], cwd: Path, url: str) -> tuple[str, str]:
-    """Run a server, post one message once ``url`` (a regex on its output) shows it listens, then
-    SIGTERM it; its stdout and stderr."""
+async def serve(
+    command: list[str],
+    env: dict[str, str],
+    cwd: Path,
+    url: str,
+    headers: dict[str, str] | None = None,
+) -> tuple[str, str]:
+    """Run a server, post one message (with ``headers``) once ``url`` (a regex on its output)
+    shows it listens, then SIGTERM it; its stdout and stderr."""
     stdout, stderr = ProcessLog(), ProcessLog()
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
@@ -44,7 +50,9 @@ async def serve(command: list[str], env: dict[str, str], cwd: Path, url: str) ->
             nursery.start_soon(stderr.collect, process.stderr)
             try:
                 found = await (stdout if "serving" in url else stderr).wait_for(url)
-                async with httpx.AsyncClient(base_url=found.group(1), timeout=30) as http:
+                async with httpx.AsyncClient(
+                    base_url=found.group(1), headers=headers, timeout=30
+                ) as http:
                     api = ApiClient(http)
                     stream = await api.stream(await api.new_conversation(), "hello")
                     assert stream.done is not None
@@ -112,32 +120,8 @@ async def test_the_turn_line_names_the_user_when_keys_are_on(tmp_path: Path) -> 
             capture_stderr=True,
         )
     key = created.stdout.decode().splitlines()[-1]
-    stderr = ProcessLog()
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            process = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "chatsrv", "serve", "--port", "0"],
-                env=env,
-                cwd=tmp_path,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-            )
-            assert process.stdout is not None and process.stderr is not None
-            stdout = ProcessLog()
-            nursery.start_soon(stdout.collect, process.stdout)
-            nursery.start_soon(stderr.collect, process.stderr)
-            try:
-                found = await stdout.wait_for(r"serving on (http://[\d.:]+)")
-                headers = {"Authorization": f"Bearer {key}"}
-                async with httpx.AsyncClient(
-                    base_url=found.group(1), headers=headers, timeout=30
-                ) as http:
-                    api = ApiClient(http)
-                    await api.stream(await api.new_conversation())
-                    users = (await http.get("/v1/conversations")).status_code
-            finally:
-                process.send_signal(signal.SIGTERM)
-            await process.wait()
-    assert users == 200
-    [turn] = [r for r in json_lines(stderr.text()) if r["logger"] == "chatsrv.persister"]
+    command = [sys.executable, "-m", "chatsrv", "serve", "--port", "0"]
+    headers = {"Authorization": f"Bearer {key}"}
+    _, stderr = await serve(command, env, tmp_path, r"serving on (http://[\d.:]+)", headers)
+    [turn] = [r for r in json_lines(stderr) if r["logger"] == "chatsrv.persister"]
     assert turn["user"] and turn["user"] != "00000000-0000-0000-0000-000000000000"
