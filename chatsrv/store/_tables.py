@@ -85,8 +85,6 @@ messages = Table(
     Column("lease_expires_at", Timestamp, nullable=True),
 )
 
-TABLE_NAMES: Final = ("users", "api_keys", "conversations", "messages")
-
 
 def schema_path() -> Path:
     """Where ``schema.sql`` is: the repository root, else the copy shipped beside this module."""

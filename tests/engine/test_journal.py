@@ -194,3 +194,56 @@ async def test_unreplayed_replies_are_known_until_applied(tmp_path: Path) -> Non
         await journal.replay(apply_only_m1)
     assert journal.unreplayed() == ["m2"]
     await journal.close()
+
+
+async def test_appends_that_arrive_together_share_one_write(tmp_path: Path) -> None:
+    """Group commit: the first append writes alone; every append that arrives while it writes
+    waits, then all of them go out in one write and one fsync. Each returns once its own record
+    is on disk, and every record is there once, whole."""
+    journal = Journal(tmp_path, "me")
+    await journal.open()
+    returned: list[str] = []
+
+    async def append(n: int) -> None:
+        await journal.append(record(n))
+        # Durable when append returns: the line is in the file already.
+        assert f'"m{n}"'.encode() in journal.path.read_bytes()
+        returned.append(f"m{n}")
+
+    async with trio.open_nursery() as nursery:
+        for n in range(50):
+            nursery.start_soon(append, n)
+    lines = journal.path.read_bytes().splitlines()
+    assert sorted(orjson.loads(line)["message_id"] for line in lines) == sorted(returned)
+    assert len(lines) == 50 and journal.pending == 50
+    assert sorted(journal.unreplayed()) == sorted(returned)
+    assert 2 <= journal.writes <= 3  # one alone, then the other 49 (or nearly) together
+    await journal.close()
+
+
+async def test_a_cancelled_writer_still_writes_its_group(tmp_path: Path) -> None:
+    """The appender that is to write a group is cancelled while it waits for the file (a
+    replay's rotation holds it): the write is not given up, so its record and the records of
+    those waiting on it are all written, and nobody waits forever."""
+    journal = Journal(tmp_path, "me")
+    await journal.open()
+    scope = trio.CancelScope()
+
+    async def cancelled_writer() -> None:
+        with scope:
+            await journal.append(record(1))
+
+    with trio.fail_after(10):
+        await journal._lock.acquire()  # as a replay's rotation holds it
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cancelled_writer)
+            await trio.testing.wait_all_tasks_blocked()  # the writer waits for the file
+            nursery.start_soon(journal.append, record(2))
+            await trio.testing.wait_all_tasks_blocked()
+            scope.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            journal._lock.release()  # the rotation is over
+    ids = [orjson.loads(line)["message_id"] for line in journal.path.read_bytes().splitlines()]
+    assert ids == ["m1", "m2"]
+    assert journal.pending == 2
+    await journal.close()

@@ -213,6 +213,7 @@ class Reply {
     this.text = text;
     this.offset = offset; // the last delta's id: characters of the reply so far
     this.pending = false;
+    this.finished = false;
   }
 
   save() {
@@ -226,7 +227,8 @@ class Reply {
     this.pending = true;
     requestAnimationFrame(() => {
       this.pending = false;
-      if (this.conversationId !== current) return;
+      // A frame can come after `done` (a hidden tab gets none until it shows again).
+      if (this.finished || this.conversationId !== current) return;
       show(article({ id: this.id, role: "assistant" }), { content: this.text, status: "streaming" });
       scrollDown();
     });
@@ -264,6 +266,7 @@ async function consume(stream, reply) {
         reply.save();
         reply.paint();
       } else if (event.event === "done") {
+        reply.finished = true;
         sessionStorage.removeItem(REPLY + reply.id);
         const message = await json("GET", `/v1/messages/${reply.id}`).catch(() => null);
         if (reply.conversationId === current) {
