@@ -93,6 +93,7 @@ async def replay(journal: Journal, store: Store) -> int:
                 stop_reason=record.stop_reason,
                 error=record.error,
                 usage=record.usage,
+                background=True,
             )
         except StoreUnavailable:
             raise

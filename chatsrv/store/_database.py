@@ -104,10 +104,18 @@ def configure_sqlite(engine: AsyncEngine, *, busy_timeout_ms: int, foreign_keys:
 
     @event.listens_for(engine.sync_engine, "begin")
     def _begin(conn: Connection) -> None:
+        options = conn.get_execution_options()
+        # A background task's transaction waits less for a lock (chatsrv_busy_ms): SQLite's
+        # wait cannot be interrupted, so a task cancelled during it (at shutdown) would hold
+        # the pool's close for the whole busy timeout. Set only when it changes.
+        busy_ms = int(options.get("chatsrv_busy_ms", busy_timeout_ms))
+        info = conn.connection.info
+        if info.get("chatsrv_busy_ms", busy_timeout_ms) != busy_ms:
+            conn.exec_driver_sql(f"PRAGMA busy_timeout={busy_ms}")
+            info["chatsrv_busy_ms"] = busy_ms
         # Writers BEGIN IMMEDIATE: they wait (busy_timeout) for the write lock up front instead
         # of failing at once when a read transaction cannot be upgraded. Readers stay deferred.
-        mode = conn.get_execution_options().get("chatsrv_begin", "DEFERRED")
-        conn.exec_driver_sql(f"BEGIN {mode}")
+        conn.exec_driver_sql(f"BEGIN {options.get('chatsrv_begin', 'DEFERRED')}")
 
 
 # -- Errors -----------------------------------------------------------------------------------

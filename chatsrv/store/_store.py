@@ -63,6 +63,9 @@ T = TypeVar("T")
 _SCHEMA_LOCK_KEY: Final = 0x6368617473727631
 
 
+# How long a background task's write waits for SQLite's write lock (see Store._background).
+BACKGROUND_BUSY_MS: Final = 500
+
 # Rows per lease-renewing UPDATE (a bound on the statement's parameters).
 _LEASE_BATCH: Final = 500
 
@@ -92,6 +95,11 @@ class Store:
             else self._writer
         )
         self._starts = Starts(engine, one_statement=self._one_statement, writer=self._writer)
+        # The writes of background tasks (recovery, lease renewal) wait for SQLite's write lock
+        # at most BACKGROUND_BUSY_MS: cancelled at shutdown, they do not hold up the close.
+        # They fail as StoreUnavailable instead, and their task tries again next round.
+        self._background = self._one_statement.execution_options(chatsrv_busy_ms=BACKGROUND_BUSY_MS)
+        self._background_writer = self._writer.execution_options(chatsrv_busy_ms=BACKGROUND_BUSY_MS)
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -297,7 +305,9 @@ class Store:
         ``keep``, also the sweeper's own expired rows that it does not name (rows whose start
         outlived its bound: no turn streams them). Return how many replies were swept."""
         ids = None if keep is None else [mid for mid in map(parse_id, keep) if mid is not None]
-        return await self._call(self._write(lambda: sql.sweep(sweeper, CLOCK.now(), ids)))
+        return await self._call(
+            self._write(lambda: sql.sweep(sweeper, CLOCK.now(), ids), background=True)
+        )
 
     async def abandon(self, message_id: str, *, owner: str) -> bool:
         """End a streaming reply of ``owner``'s that no turn streams, as a crash would have
@@ -325,7 +335,7 @@ class Store:
 
     async def forget_idempotency_keys(self) -> None:
         """Forget the Idempotency-Keys older than 24 h."""
-        await self._call(self._write(lambda: sql.forget_keys(CLOCK.now())))
+        await self._call(self._write(lambda: sql.forget_keys(CLOCK.now()), background=True))
 
     async def finish_reply(
         self,
@@ -336,10 +346,12 @@ class Store:
         stop_reason: str | None,
         error: str | None = None,
         usage: dict[str, Any] | None = None,
+        background: bool = False,
     ) -> bool:
         """Set an assistant message's final values in one UPDATE; return whether it existed.
 
         Idempotent: a retry after :class:`StoreUnavailable` updates the same row again.
+        ``background``: for the journal's replayer, which waits less for SQLite's lock.
         """
         if status not in MESSAGE_STATUSES:
             raise ValueError(f"unknown message status {status!r}")
@@ -354,7 +366,9 @@ class Store:
         }
 
         def finish(mid: str) -> Coroutine[Any, Any, int]:
-            return self._write(lambda: sql.finish_reply(mid, values, CLOCK.now()))
+            return self._write(
+                lambda: sql.finish_reply(mid, values, CLOCK.now()), background=background
+            )
 
         return await self._by_id(message_id, finish, 0) > 0
 
@@ -425,9 +439,10 @@ class Store:
         async with self._engine.begin() as conn:
             return list((await conn.execute(build())).mappings())
 
-    async def _write(self, build: Callable[[], Executable]) -> int:
+    async def _write(self, build: Callable[[], Executable], *, background: bool = False) -> int:
         """Run one statement that writes; how many rows it changed."""
-        async with self._one_statement.begin() as conn:
+        engine = self._background if background else self._one_statement
+        async with engine.begin() as conn:
             return (await conn.execute(build())).rowcount
 
     async def _get_conversation(self, cid: str, *, user: str) -> Conversation | None:
@@ -470,7 +485,7 @@ class Store:
     async def _renew_leases(self, owner: str, ids: list[str], lease_s: float) -> int:
         expires = CLOCK.now() + timedelta(seconds=lease_s)
         renewed = 0
-        async with self._writer.begin() as conn:
+        async with self._background_writer.begin() as conn:
             for start in range(0, len(ids), _LEASE_BATCH):
                 batch = ids[start : start + _LEASE_BATCH]
                 renewed += (await conn.execute(sql.renew_leases(owner, batch, expires))).rowcount

@@ -17,6 +17,7 @@ import trio
 from sqlalchemy import event
 
 from chatsrv.store import LOCAL_USER_ID
+from chatsrv.store._store import BACKGROUND_BUSY_MS
 from tests.processes import chatsrv_environment, start_hypercorn
 from tests.server import ApiClient, Chatsrv, StartChatsrv, rows
 
@@ -398,3 +399,34 @@ async def test_a_start_that_commits_after_its_bound_is_as_if_it_never_happened(
         ("assistant", "complete", "started again"),
     ]
     assert lost["id"] not in {m["id"] for m in messages}
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_stop_during_a_recovery_round_on_a_locked_sqlite_is_quick(
+    start_chatsrv: StartChatsrv, database_url: str
+) -> None:
+    """Another process holds SQLite's write lock while a recovery round waits for it. SQLite's
+    wait cannot be interrupted, so a stop would wait it out (the busy timeout, here 5 s) before
+    the pool could close; the background tasks' writes wait at most BACKGROUND_BUSY_MS."""
+    chatsrv = await start_chatsrv(db_timeout_s=5.0, sweep_interval_s=0.05)
+    waiting = trio.Event()
+    token = trio.lowlevel.current_trio_token()
+
+    def background_begin(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement == f"PRAGMA busy_timeout={BACKGROUND_BUSY_MS}":  # a background write
+            token.run_sync_soon(waiting.set)
+
+    locker = sqlite3.connect(database_url.split(":///", 1)[1], isolation_level=None)
+    try:
+        locker.execute("BEGIN IMMEDIATE")
+        with chatsrv.before_each_statement(background_begin), trio.fail_after(30):
+            await waiting.wait()
+            await trio.sleep(0.05)  # into SQLite's wait for the lock
+            stopping = trio.current_time()
+            chatsrv.service.stop()
+            await chatsrv.service.closed.wait()
+            took = trio.current_time() - stopping
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    assert took < 2.0, took
