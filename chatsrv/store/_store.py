@@ -140,7 +140,7 @@ class Store:
 
     async def schema_revision(self) -> str | None:
         """The migration the database is at (None: it is empty)."""
-        return (await self._call(self._migrating(_migrate.version))).revision
+        return (await self._call(self._version())).revision
 
     async def identity(self) -> str:
         """The database's own id (made by its migrations), whatever URL reaches it."""
@@ -154,7 +154,9 @@ class Store:
         return await self._call(self._migrating(_migrate.upgrade))
 
     async def _prepare_schema(self, *, upgrade: bool) -> None:
-        version = await self._call(self._migrating(_migrate.version))
+        # Read without a lock: a database at head (every start but the first after an
+        # upgrade) costs one read, and waits for no writer. The upgrade reads it again, locked.
+        version = await self._call(self._version())
         if version.current:
             return
         behind = version.known and not version.empty
@@ -396,6 +398,10 @@ class Store:
             raise map_error(error) from error
 
     # -- On the asyncio loop: one checkout, one transaction each ---------------------------------
+
+    async def _version(self) -> _migrate.Version:
+        async with self._engine.connect() as conn:
+            return await conn.run_sync(_migrate.version)
 
     async def _migrating(self, run: Callable[[Connection], T]) -> T:
         """``run`` on a connection of its own, in one transaction that holds off any other

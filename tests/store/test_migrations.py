@@ -611,3 +611,24 @@ async def test_turns_run_on_an_upgraded_database(
             alice = await store.key_user(key)
             assert alice is not None and alice != LOCAL_USER_ID
             assert await store.get_conversation(C1, user=alice) is None
+
+
+async def test_a_database_at_head_opens_while_another_process_holds_the_schema_lock(
+    new_database: Callable[[], str],
+) -> None:
+    """Only an upgrade takes the lock: a start on a database at head reads its version and goes
+    on, however long a writer (on SQLite, any writer) holds it."""
+    url = new_database()
+    async with Store.open(url):
+        pass
+    held, release = threading.Event(), threading.Event()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, hold_schema_lock, url, held, release)
+            try:
+                await trio.to_thread.run_sync(held.wait, abandon_on_cancel=True)
+                with trio.fail_after(2):  # the lock's holder keeps it past this
+                    async with Store.open(url, timeout_s=5) as store:
+                        assert await store.schema_revision() == head()
+            finally:
+                release.set()
