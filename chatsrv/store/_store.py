@@ -445,11 +445,19 @@ class Store:
         async with self._engine.begin() as conn:
             return list((await conn.execute(build())).mappings())
 
-    async def _write(self, build: Callable[[], Executable], *, background: bool = False) -> int:
-        """Run one statement that writes; how many rows it changed."""
+    async def _write(
+        self,
+        build: Callable[[], Executable | tuple[Executable, dict[str, Any]]],
+        *,
+        background: bool = False,
+    ) -> int:
+        """Run one statement that writes (with its parameters, if ``build`` gives them); how
+        many rows it changed."""
         engine = self._background if background else self._one_statement
+        built = build()
+        statement, parameters = built if isinstance(built, tuple) else (built, None)
         async with engine.begin() as conn:
-            return (await conn.execute(build())).rowcount
+            return (await conn.execute(statement, parameters)).rowcount
 
     async def _get_conversation(self, cid: str, *, user: str) -> Conversation | None:
         async with self._engine.begin() as conn:
