@@ -63,6 +63,12 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, default=200, help="per stream (200)")
     parser.add_argument("--rate", type=float, default=50.0, help="tokens/s per stream (50)")
     parser.add_argument(
+        "--burst",
+        type=int,
+        default=1,
+        help="upstream tokens per write, at most (1: one at a time; more: irregular bursts)",
+    )
+    parser.add_argument(
         "--ramp", type=_levels, default=[25, 50, 75, 100, 125, 150, 200, 300, 400], help="levels"
     )
     parser.add_argument("--no-ramp", dest="ramp", action="store_const", const=[])
@@ -269,7 +275,7 @@ def full(args: argparse.Namespace) -> int:
     scratch = REPO / "bench" / "out"
     out.mkdir(parents=True, exist_ok=True)
     scratch.mkdir(parents=True, exist_ok=True)
-    script = Script(tokens=args.tokens, interval_s=1.0 / args.rate)
+    script = Script(tokens=args.tokens, interval_s=1.0 / args.rate, burst=args.burst)
     with contextlib.ExitStack() as stack:
         root = REPO
         if args.ref:

@@ -46,12 +46,25 @@ def tokens_in(text: str) -> int:
     raise AssertionError("unreachable")
 
 
+# The sizes of the upstream's writes when it sends in bursts, in turn: irregular, as real
+# providers' are (several tokens in one read, then a longer gap).
+BURSTS = (3, 1, 5, 2, 6, 1, 4, 2)
+
+
 @dataclass(frozen=True)
 class Script:
     tokens: int = 200
     interval_s: float = 0.02  # between two tokens; the first goes out at once
     # Cut the connection (a body that ends mid-stream) once this many tokens were sent.
     fail_after: int | None = None
+    # Tokens per write, at most: 1 sends each when it is due; more sends them in groups of the
+    # sizes of BURSTS (capped at this), each when its last token is due. The rate, the tokens
+    # and the last token's time stay those of the steady stream.
+    burst: int = 1
+
+    def group(self, j: int, k: int) -> int:
+        """The size of the j-th write, which starts with token k."""
+        return max(1, min(BURSTS[j % len(BURSTS)], self.burst, self.tokens - k))
 
     @property
     def upstream_duration_s(self) -> float:

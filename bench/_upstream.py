@@ -147,7 +147,8 @@ class Connection(asyncio.Protocol):
         self._script = default
         self._streaming = False
         self._start = 0.0
-        self._k = 0
+        self._k = 0  # the next token
+        self._writes = 0  # writes of this stream so far
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -209,6 +210,7 @@ class Connection(asyncio.Protocol):
         self._script = script
         self._streaming = True
         self._k = 0
+        self._writes = 0
         self._start = self._loop.time()
         self._transport.write(FIRST)
         if script.tokens == 0 and script.fail_after != 0:
@@ -217,28 +219,36 @@ class Connection(asyncio.Protocol):
             self._send_next()
 
     def _send_next(self) -> None:
-        """Send token k, due at start + k * interval, and schedule token k + 1. The end of the
+        """Send the next write: token k alone, due at start + k * interval, or (in bursts) the
+        group of tokens from k, due when its last one is; then schedule the next. The end of the
         stream (finish_reason, usage, [DONE]) goes out with the last token, as OpenAI's does, so
         the fake's own duration is exactly (tokens - 1) * interval."""
         transport = self._transport
         if transport is None or transport.is_closing():
             return
         script, k = self._script, self._k
-        due = self._start + k * script.interval_s
+        size = script.group(self._writes, k)
+        due = self._start + (k + size - 1) * script.interval_s
         self._stats.lateness_s.append(self._loop.time() - due)
-        if k == script.fail_after:
+        if script.fail_after is not None and k <= script.fail_after < k + size:
             # A body cut off mid-stream: no final chunk, the connection closes.
+            transport.write(b"".join(_token_chunk(i) for i in range(k, script.fail_after)))
+            self._stats.tokens += script.fail_after - k
             self._streaming = False
             self._stats.failed_on_purpose += 1
             transport.close()
             return
-        transport.write(_token_chunk(k))
-        self._stats.tokens += 1
-        self._k = k + 1
+        transport.write(b"".join(_token_chunk(i) for i in range(k, k + size)))
+        self._stats.tokens += size
+        self._k = k + size
+        self._writes += 1
         if self._k == script.tokens and script.fail_after != script.tokens:
             self._end(transport)
             return
-        self._timer = self._loop.call_at(due + script.interval_s, self._send_next)
+        following = script.group(self._writes, self._k)
+        self._timer = self._loop.call_at(
+            self._start + (self._k + following - 1) * script.interval_s, self._send_next
+        )
 
     def _end(self, transport: asyncio.Transport) -> None:
         self._streaming = False
