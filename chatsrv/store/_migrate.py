@@ -54,9 +54,11 @@ def head() -> str:
 
 @dataclass(frozen=True)
 class Version:
-    """Where a database stands: its revision (None: empty) and whether it is chatsrv's head."""
+    """Where a database stands: its revision (None: empty) and whether it is chatsrv's head;
+    ``stamped`` when the database says so itself (else the revision is read off its tables)."""
 
     revision: str | None
+    stamped: bool = True
 
     @property
     def empty(self) -> bool:
@@ -82,7 +84,7 @@ def version(conn: Connection) -> Version:
     stamped = MigrationContext.configure(conn).get_current_revision()
     if stamped is not None:
         return Version(stamped)
-    return Version(_unversioned(conn))
+    return Version(_unversioned(conn), stamped=False)
 
 
 def _unversioned(conn: Connection) -> str | None:
@@ -113,11 +115,9 @@ def upgrade(conn: Connection) -> list[str]:
             f"the database's schema is at revision {current.revision}, newer than this "
             f"chatsrv's {head()}: run a newer chatsrv"
         )
-    if context.get_current_revision() is None:
-        unversioned = _unversioned(conn)
-        if unversioned is not None:
-            logger.info("the database predates migrations: its schema is revision %s", unversioned)
-            context.stamp(script, unversioned)
+    if not current.stamped and current.revision is not None:
+        logger.info("the database predates migrations: its schema is revision %s", current.revision)
+        context.stamp(script, current.revision)
     applied: list[str] = []
 
     def upgrade_revs(revision: Any, _context: MigrationContext) -> Any:

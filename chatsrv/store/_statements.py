@@ -218,11 +218,11 @@ def reply_model(turn: NewTurn, conversation_model: str | None) -> str:
     return turn.model or conversation_model or turn.default_model
 
 
-def _model_column(turn: NewTurn) -> ColumnElement[str]:
-    """reply_model in SQL, from the conversation's row."""
+def _model_column(turn: NewTurn, conversation_model: ColumnElement[Any]) -> ColumnElement[str]:
+    """reply_model in SQL, from the conversation's model column."""
     return func.coalesce(
         literal(turn.model or None, Text),
-        func.nullif(conversations.c.model, ""),
+        func.nullif(conversation_model, ""),
         literal(turn.default_model, Text),
     )
 
@@ -231,23 +231,28 @@ def insert_messages_of(
     cid: str, rows: list[dict[str, Any]], turn: NewTurn, now: datetime
 ) -> Insert:
     """INSERT ``rows`` if the conversation exists, is the turn's user's, and that user streams
-    fewer than ``turn.max_streams`` replies: one SELECT of its row each. The assistant's model
-    (its ``None``) is resolved from the conversation's row."""
+    fewer than ``turn.max_streams`` replies: one SELECT of each row from that check, which is
+    made once (a CTE). The assistant's model (its ``None``) is resolved from the conversation's
+    row."""
     columns = list(rows[0])
-    allowed = (
-        conversations.c.id == cid,
-        conversations.c.user_id == turn.user,
-        running_of(turn.user, now) < turn.max_streams,
+    room = (
+        select(conversations.c.model)
+        .where(
+            conversations.c.id == cid,
+            conversations.c.user_id == turn.user,
+            running_of(turn.user, now) < turn.max_streams,
+        )
+        .cte("room")
     )
 
     def from_conversation(row: dict[str, Any]) -> Select[Any]:
         values = [
-            _model_column(turn).label(name)
+            _model_column(turn, room.c.model).label(name)
             if name == "model" and row["role"] == "assistant"
             else literal(row[name], messages.c[name].type).label(name)
             for name in columns
         ]
-        return select(*values).where(*allowed)
+        return select(*values).select_from(room)
 
     return insert(messages).from_select(
         columns, union_all(*(from_conversation(row) for row in rows))
