@@ -58,7 +58,7 @@ JOURNAL_REPLAYS = Counter(
 )
 JOURNAL_WAITING = Gauge(
     "chatsrv_journal_waiting",
-    "Replies this process journaled that wait to be written to the database.",
+    "Replies this process journaled that wait to be written to the database (set by the journal).",
     multiprocess_mode="livesum",
 )
 UPSTREAM_ERRORS = Counter(

@@ -31,6 +31,8 @@ from typing import Any, BinaryIO
 import orjson
 import trio
 
+from chatsrv import _metrics as metrics
+
 log = logging.getLogger("chatsrv.journal")
 
 
@@ -158,6 +160,7 @@ class Journal:
                     await trio.to_thread.run_sync(_append, self._file, b"".join(group.lines))
             self._pending += len(group.lines)
             self._unreplayed.update(group.message_ids)
+            metrics.JOURNAL_WAITING.set(len(self._unreplayed))
             self.writes += 1
         except Exception as exc:
             group.error = exc
@@ -206,6 +209,7 @@ class Journal:
                 for record in records:
                     await apply(record)
                     self._unreplayed.discard(record.message_id)
+                    metrics.JOURNAL_WAITING.set(len(self._unreplayed))
                 await trio.to_thread.run_sync(path.unlink)
             finally:
                 file.close()

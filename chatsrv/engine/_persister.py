@@ -234,7 +234,6 @@ class Persister:
             await self._journal.append(record)
             turn.persisted = True
             metrics.JOURNAL_APPENDS.inc()
-            metrics.JOURNAL_WAITING.set(self._journal.pending)
             log.warning(
                 "turn %s: journaled %s/%s, %d characters, for replay when the database is back",
                 turn.message_id,

@@ -109,6 +109,5 @@ async def replay(journal: Journal, store: Store) -> int:
         return 0
     if applied:
         metrics.JOURNAL_REPLAYS.inc(applied)
-        metrics.JOURNAL_WAITING.set(journal.pending)
         log.warning("replayed %d journaled reply(ies) into the database", applied)
     return applied
