@@ -161,8 +161,8 @@ def _errors_of(method: str, path: str, operation: dict[str, Any]) -> list[str]:
     return codes
 
 
-# The routes anyone may call, with or without a key.
-PUBLIC: Final = {("get", "/healthz"), ("get", "/readyz")}
+# The routes anyone may call, with or without a key: a load balancer's probes carry none.
+PUBLIC: Final = frozenset({"/healthz", "/readyz"})
 
 
 class _Provider(OpenAPIProvider):
@@ -196,7 +196,7 @@ class _Provider(OpenAPIProvider):
                     responses.pop("200", None)
                     responses["204"] = {"description": "deleted"}
                 codes = _errors_of(method, path, operation)
-                if self.keys and (method, path) in PUBLIC:
+                if self.keys and path in PUBLIC:
                     operation["security"] = []
                 elif self.keys:
                     codes.append("401")

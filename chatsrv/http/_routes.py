@@ -31,7 +31,7 @@ from chatsrv.engine import Journal, Peers, TurnEngine, TurnRequest
 from chatsrv.store import Conversation, Message, Store
 
 from ._auth import Authenticator
-from ._contract import ConversationList, Health, MessageList, TurnList
+from ._contract import PUBLIC, ConversationList, Health, MessageList, TurnList
 from ._relay import followed, relay, replayed
 
 api = Blueprint("api", __name__)
@@ -153,14 +153,11 @@ def _service() -> Backend:
     return service
 
 
-# Routes anyone may call: a load balancer's probes carry no key.
-_PUBLIC = frozenset({"api.healthz", "api.readyz"})
-
-
 @api.before_request
 async def authenticate() -> None:
     """Find the request's user before any route runs (a CORS preflight has none)."""
-    if request.endpoint in _PUBLIC or request.method == "OPTIONS":
+    rule = request.url_rule.rule if request.url_rule is not None else None
+    if rule in PUBLIC or request.method == "OPTIONS":
         return
     if request.endpoint == "api.metrics" and _service().settings.metrics == "public":
         return
