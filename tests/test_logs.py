@@ -17,6 +17,7 @@ import trio
 
 from tests.processes import ProcessLog, assert_clean_log, chatsrv_environment
 from tests.server import ApiClient
+from tests.test_keys import chatsrv
 
 
 def json_lines(text: str) -> list[dict[str, Any]]:
@@ -112,13 +113,8 @@ async def test_the_turn_line_names_the_user_when_keys_are_on(tmp_path: Path) -> 
     env = chatsrv_environment(
         log_format="json", demo_token_interval_s="0", auth="keys", database_url=database
     )
-    with trio.fail_after(30):
-        created = await trio.run_process(
-            [sys.executable, "-m", "chatsrv", "keys", "create", "--user", "alice"],
-            env=env,
-            capture_stdout=True,
-            capture_stderr=True,
-        )
+    created = await chatsrv(env, "keys", "create", "--user", "alice")
+    assert created.returncode == 0, created.stderr
     key = created.stdout.decode().splitlines()[-1]
     command = [sys.executable, "-m", "chatsrv", "serve", "--port", "0"]
     headers = {"Authorization": f"Bearer {key}"}
