@@ -59,6 +59,11 @@ class Settings(BaseSettings):
     # "httpx" the SDK's own (HTTP/2-capable, honours HTTP(S)_PROXY). "auto": lean, unless a
     # proxy is set in the environment.
     llm_transport: Literal["auto", "lean", "httpx"] = "auto"
+    # The upstream's frame: after a read that carried reply text, the next read waits until this
+    # many milliseconds have passed since it, so that what the upstream sends meanwhile comes in
+    # one read, one hand-over to the persister and one write to each client. The first text of a
+    # reply, and any that follows a quiet frame, is read at once; 0 reads every token alone.
+    frame_ms: float = Field(default=25.0, ge=0, le=1000)
     demo_token_interval_s: float = Field(default=0.05, ge=0)
 
     # Turns.

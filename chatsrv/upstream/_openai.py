@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import ssl
 import urllib.request
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
@@ -89,6 +90,10 @@ class OpenAIProvider:
 
     def __init__(self, settings: Settings) -> None:
         self._read_timeout_s = settings.llm_timeout_s
+        http_client = _http_client(settings.llm_transport)
+        # The frame paces socket reads, which only the lean transport hands over one for one:
+        # httpx2's yields each HTTP chunk of a read apart, and would wait a frame between them.
+        self._frame_s = settings.frame_ms / 1000 if http_client is not None else 0.0
         key = settings.llm_api_key.get_secret_value() if settings.llm_api_key else ""
         self._client = openai.AsyncOpenAI(
             base_url=settings.llm_base_url,
@@ -97,7 +102,7 @@ class OpenAIProvider:
             # read: the longest wait for a response head, per attempt; the body's silences are
             # watched by generate() (see _Silence). write and pool share it.
             timeout=openai.Timeout(settings.llm_timeout_s, connect=CONNECT_TIMEOUT_S),
-            http_client=_http_client(settings.llm_transport),
+            http_client=http_client,
         )
 
     async def aclose(self) -> None:
@@ -115,15 +120,19 @@ class OpenAIProvider:
                 stream=True,
                 stream_options={"include_usage": True},
             ) as response:
-                lines = _lines(response.http_response.aiter_bytes())
+                body = response.http_response.aiter_bytes()
+                frame = _Frame(self._frame_s)
+                lines = _lines(body, frame)
                 async with aclosing(lines):
                     # From the response head on: the SDK's retries and their waits are over.
                     silence = _Silence(self._read_timeout_s)
                     with silence.scope:
                         try:
-                            completion = await _read_stream(lines, emit, silence)
-                        except Exception:
-                            await _abandon(response, lines)
+                            completion = await _read_stream(lines, emit, silence, frame)
+                        except BaseException:
+                            # trio.Cancelled too: it may strike in the frame's wait, outside
+                            # the body's chain of generators, which must still be ended.
+                            await _abandon(response, lines, body)
                             raise
                         await _drain(lines)
                         return completion
@@ -176,6 +185,31 @@ def _http_client(transport: str) -> httpx2.AsyncClient | None:
     return openai.DefaultAsyncHttpxClient(transport=Http11Transport(time_body_reads=False))
 
 
+class _Frame:
+    """The pace of one response body's reads (``CHATSRV_FRAME_MS``): once reply text has come,
+    a read waits until ``frame_s`` after the previous one, so that the tokens the upstream sends
+    meanwhile come in one read, one hand-over to the persister, and one event to each client.
+    The cost of a stream then falls with its token rate, where a per-token relay's stays flat.
+
+    It never delays the first text (the frame starts once some has come), nor text after a
+    quiet frame (the wait is counted from the previous read, not to the next frame's edge);
+    text that comes within a frame waits for its end, at most ``frame_s``. The wait is a plain
+    sleep, so a cancelled turn stops in it at once."""
+
+    __slots__ = ("frame_s", "framing", "read_at")
+
+    def __init__(self, frame_s: float) -> None:
+        self.frame_s = frame_s
+        self.framing = False  # set when the first text has come, cleared at [DONE]
+        self.read_at = -math.inf  # when the previous read returned
+
+    async def wait(self) -> None:
+        if self.framing:
+            wait_s = self.read_at + self.frame_s - trio.current_time()
+            if wait_s > 0:
+                await trio.sleep(wait_s)
+
+
 class _Silence:
     """The longest silence allowed in a response body, watched by one cancel scope per stream.
     (A read timeout in the HTTP stack opens a cancel scope per read, ~5% of a worker's CPU when
@@ -197,7 +231,10 @@ class _Silence:
 
 
 async def _read_stream(
-    lines: AsyncGenerator[str, None], emit: Callable[[str], None], silence: _Silence
+    lines: AsyncGenerator[str, None],
+    emit: Callable[[str], None],
+    silence: _Silence,
+    frame: _Frame,
 ) -> Completion:
     """Parse the SSE body; emit each content delta as soon as its line is parsed."""
     finish_reason: str | None = None
@@ -210,6 +247,7 @@ async def _read_stream(
             continue
         data = line[5:].strip()
         if data == "[DONE]":
+            frame.framing = False  # what is left of the body is read at once (_drain)
             break
         try:
             chunk = loads(data)
@@ -242,6 +280,7 @@ async def _read_stream(
                 # client, so that what is relayed is what is stored.
                 content = content.replace("\x00", "\ufffd")
             emit(content)
+            frame.framing = frame.frame_s > 0
     else:
         if finish_reason is None:
             raise UpstreamError(
@@ -261,11 +300,19 @@ async def _read_stream(
 # raised inside the chain (a read error, a timeout, trio.Cancelled) ends it by itself.
 
 
-async def _lines(body: AsyncIterator[bytes]) -> AsyncGenerator[str, None]:
-    """The body's lines. One generator over the body's bytes, instead of the SDK's iter_lines on
-    httpx's aiter_lines on aiter_text: this loop runs once per token, and each layer costs."""
+async def _lines(body: AsyncIterator[bytes], frame: _Frame) -> AsyncGenerator[str, None]:
+    """The body's lines, read at ``frame``'s pace. One generator over the body's bytes, instead
+    of the SDK's iter_lines on httpx's aiter_lines on aiter_text: this loop runs once per read,
+    and each layer costs."""
     pending = b""
-    async for data in body:
+    reads = body.__aiter__()
+    while True:
+        await frame.wait()
+        try:
+            data = await reads.__anext__()
+        except StopAsyncIteration:
+            break
+        frame.read_at = trio.current_time()
         pending += data
         if b"\n" not in data:
             continue
@@ -287,13 +334,20 @@ async def _drain(lines: AsyncGenerator[str, None]) -> None:
 
 
 async def _abandon(
-    response: openai.AsyncAPIResponse[Any], lines: AsyncGenerator[str, None]
+    response: openai.AsyncAPIResponse[Any],
+    lines: AsyncGenerator[str, None],
+    body: AsyncIterator[bytes],
 ) -> None:
-    """We stop reading early: drop the connection, then let the chain fail on the closed socket."""
+    """We stop reading early: drop the connection, then let the chain fail on the closed socket:
+    from ``lines``, if it waits at a yield, else from ``body`` (``lines`` ended in its frame's
+    wait: the body's chain waits at a yield of its own)."""
     with trio.move_on_after(DRAIN_DEADLINE_S, shield=True):  # cleanup, even in a cancelled scope
         await response.close()
         with contextlib.suppress(*_CONNECTION_ERRORS, *_PROTOCOL_ERRORS):
             async for _ in lines:
+                pass
+        with contextlib.suppress(*_CONNECTION_ERRORS, *_PROTOCOL_ERRORS):
+            async for _ in body:
                 pass
 
 

@@ -358,8 +358,10 @@ async def test_emit_failure_propagates_and_drops_the_upstream(
     provider: Provider, upstream: FakeUpstream
 ) -> None:
     # The engine's emit is a channel's send_nowait: its exceptions are the engine's, not ours.
+    # Four tokens of twenty: the body is still open when the fourth one's emit fails, whatever
+    # the reads it came in (CHATSRV_FRAME_MS may gather them into one).
     upstream.script = Script(tokens=TOKENS, gated=True)
-    upstream.release(len(TOKENS))
+    upstream.release(4)
     deltas: list[str] = []
 
     def emit(text: str) -> None:
@@ -414,6 +416,94 @@ async def test_cancel_after_k_deltas_closes_the_upstream(
     assert deltas == TOKENS[:k]
     assert [type(exc) for exc in escaped] == [trio.Cancelled]
     assert upstream.tokens_sent == k
+
+
+# --- openai: the frame (CHATSRV_FRAME_MS) -------------------------------------------------------
+
+# Long beside the loop's own delays, so that the real clock tells reads apart. The frame paces
+# the lean transport's socket reads; httpx2's transport reads without it.
+FRAME_MS = 300.0
+
+
+@pytest.mark.parametrize("transport", ["lean"], indirect=True)
+async def test_the_frame_gathers_what_comes_within_it_and_delays_nothing_else(
+    upstream: FakeUpstream,
+) -> None:
+    upstream.script = Script(tokens=TOKENS[:5], gated=True)
+    emitted: list[tuple[str, float]] = []
+    arrived = trio.Event()
+
+    def emit(text: str) -> None:
+        emitted.append((text, trio.current_time()))
+        arrived.set()
+
+    async def next_delta() -> None:
+        nonlocal arrived
+        await arrived.wait()
+        arrived = trio.Event()
+
+    frame_s = FRAME_MS / 1000
+    settings = openai_settings(upstream.base_url, frame_ms=FRAME_MS)
+    async with open_provider(settings) as opened, trio.open_nursery() as nursery:
+        with trio.fail_after(10):
+            nursery.start_soon(opened.generate, PROMPT, emit)
+            await upstream.wait_requests(1)
+            # The first text is read at once.
+            released = trio.current_time()
+            upstream.release(1)
+            await next_delta()
+            assert emitted[0][1] - released < frame_s / 2
+            # Two tokens sent within the frame wait for its end, and come in one read.
+            upstream.release(1)
+            await trio.sleep(frame_s / 6)
+            upstream.release(1)
+            await next_delta()
+            assert len(emitted) == 3, emitted
+            assert emitted[1][1] - emitted[0][1] >= frame_s
+            assert emitted[2][1] - emitted[1][1] < frame_s / 6
+            # After a quiet frame, a token is read at once again.
+            await trio.sleep(frame_s * 1.5)
+            released = trio.current_time()
+            upstream.release(1)
+            await next_delta()
+            assert emitted[3][1] - released < frame_s / 2
+            upstream.release(1)
+
+    assert [text for text, _ in emitted] == TOKENS[:5]
+
+
+@pytest.mark.parametrize("transport", ["lean"], indirect=True)
+async def test_a_cancel_in_the_frames_wait_stops_the_stream_at_once(
+    upstream: FakeUpstream,
+) -> None:
+    upstream.script = Script(tokens=TOKENS, gated=True)
+    got_first = trio.Event()
+    escaped: list[BaseException] = []
+    settings = openai_settings(upstream.base_url, frame_ms=1000.0)
+
+    async def turn(opened: Provider, task_status: trio.TaskStatus[trio.CancelScope]) -> None:
+        with trio.CancelScope() as scope:
+            task_status.started(scope)
+            try:
+                await opened.generate(PROMPT, lambda _: got_first.set())
+            except BaseException as exc:
+                escaped.append(exc)
+                raise
+
+    async with open_provider(settings) as opened:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                scope = await nursery.start(turn, opened)
+                await upstream.wait_requests(1)
+                upstream.release(2)  # the second comes while the first read's frame runs
+                await got_first.wait()
+                await trio.testing.wait_all_tasks_blocked()
+                cancelled = trio.current_time()
+                scope.cancel(reason="the turn was cancelled")
+            assert trio.current_time() - cancelled < 0.2  # not at the frame's end, 1 s later
+            await upstream.wait_disconnected()
+
+    assert [type(exc) for exc in escaped] == [trio.Cancelled]
 
 
 async def test_deadline_while_the_upstream_is_silent(
