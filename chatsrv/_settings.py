@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     # many milliseconds have passed since it, so that what the upstream sends meanwhile comes in
     # one read, one hand-over to the persister and one write to each client. The first text of a
     # reply, and any that follows a quiet frame, is read at once; 0 reads every token alone.
-    frame_ms: float = Field(default=25.0, ge=0, le=1000)
+    frame_ms: float = Field(default=40.0, ge=0, le=1000)
     demo_token_interval_s: float = Field(default=0.05, ge=0)
 
     # Turns.

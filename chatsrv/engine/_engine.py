@@ -33,7 +33,9 @@ retries, then the journal), so a dead database delays shutdown by at most
 The relays read only what the persister already holds, so whatever reached a client is a prefix of
 what is stored, and they send ``done`` only once the reply is saved. Persistence never waits on a
 client (the persister appends and notifies; it never awaits a relay), and no client waits on the
-database while deltas flow (checkpoints run beside the deltas, never in their way).
+database while deltas flow (checkpoints run beside the deltas, never in their way). The provider
+reads its upstream at most once per ``CHATSRV_FRAME_MS`` (``upstream/_openai.py``): the deltas of
+one read reach the persister, and from it each relay, in one wake-up and one event.
 
 Turns are spawned by a task of the service nursery, never by the request task: a turn must not run
 in the request's context (its cancellation, its context variables, the request object they keep
