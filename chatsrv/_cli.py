@@ -4,20 +4,36 @@
 or SIGTERM the engine drains first — running turns get ``CHATSRV_SHUTDOWN_GRACE_S``, every reply
 is committed, connected clients get their ``done`` event — and only then is hypercorn told to
 close the connections and run the lifespan shutdown.
+
+``serve --workers N`` (N > 1) runs hypercorn's own master in this process instead, with N trio
+workers as child processes that share the listening socket. On SIGINT or SIGTERM the master sets
+the workers' shutdown event, and each worker's app starts the same drain the moment it sees it
+(``http/_hypercorn.py``); hypercorn's graceful period then runs alongside the drain, so it is set
+to outlast it. The checks that refuse to start (keyless on an address other than loopback, a
+schema behind) run here, once, before any worker starts.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import multiprocessing
+import os
 import signal
+import socket
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 
 import trio
 from hypercorn.config import Config
+from hypercorn.logging import Logger as HypercornLogs
+from hypercorn.run import run as hypercorn_run
 from hypercorn.trio import serve as hypercorn_serve
+from hypercorn.utils import repr_socket_addr
+from pydantic import ValidationError
 
 from . import _logs
 from ._errors import SchemaMismatch, UnsafeSettings
@@ -36,6 +52,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve = commands.add_parser("serve", help="serve the HTTP API")
     serve.add_argument("--host", help="address to listen on (CHATSRV_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (CHATSRV_PORT, default 8000)")
+    serve.add_argument(
+        "--workers",
+        type=_worker_count,
+        help="worker processes (CHATSRV_WORKERS, default 1); more than 1 runs hypercorn's master "
+        "here and that many trio workers under it",
+    )
     db = commands.add_parser("db", help="the database's schema")
     db_commands = db.add_subparsers(dest="db_command", required=True)
     db_commands.add_parser(
@@ -54,16 +76,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     overrides = {
-        name: value for name in ("host", "port") if (value := getattr(args, name, None)) is not None
+        name: value
+        for name in ("host", "port", "workers")
+        if (value := getattr(args, name, None)) is not None
     }
-    settings = Settings(**overrides)
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as error:
+        for problem in error.errors():
+            name = str(problem["loc"][0]) if problem["loc"] else ""
+            where = f"--{name}" if name in overrides else f"CHATSRV_{name.upper()}"
+            print(f"chatsrv: {where}: {problem['msg']}", file=sys.stderr)
+        return 2
     try:
         if args.command == "serve":
             if settings.auth == "off":
                 refuse_keyless([f"{settings.host}:{settings.port}"])
             # The schema is made or checked before hypercorn starts, so that a database too old
-            # to serve is one line on stderr rather than a failed lifespan's traceback.
+            # to serve is one line on stderr rather than a failed lifespan's traceback (and, with
+            # several workers, before they all race to make it).
             trio.run(_open_database, settings)
+            if settings.workers > 1:
+                return _serve_workers(settings)
             trio.run(_serve, settings)
             return 0
         return trio.run(partial(_manage, settings, args))
@@ -72,21 +106,47 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-async def _serve(settings: Settings) -> None:
-    app = create_app(settings)
+def _worker_count(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of processes") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"{count}: chatsrv needs at least 1 worker")
+    return count
+
+
+class _Logs(HypercornLogs):
+    """hypercorn's logs as ``chatsrv serve`` writes them: the error log as hypercorn makes it,
+    the access log on stderr beside it (not on hypercorn's stdout). hypercorn makes this object
+    where it is first used: under ``--workers N`` in each worker, from the config the master
+    sent it. CHATSRV_LOG_FORMAT is given to both logs by ``_serve``, or in a worker by the app
+    (``worker_loggers``)."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        access = logging.getLogger("hypercorn.access")
+        access.handlers = [logging.StreamHandler()]
+        access.handlers[0].setFormatter(_logs.formatter("text"))
+        access.setLevel(logging.INFO)
+        access.propagate = False
+        self.access_logger = access
+
+
+def _config(settings: Settings, *, graceful_timeout_s: float) -> Config:
     config = Config()
     config.bind = [f"{settings.host}:{settings.port}"]
+    config.graceful_timeout = graceful_timeout_s
+    config.logger_class = _Logs
+    return config
+
+
+async def _serve(settings: Settings) -> None:
+    app = create_app(settings)
     # By the time hypercorn closes connections the engine has drained, so this only bounds
     # requests other than turns.
-    config.graceful_timeout = 5.0
-    # hypercorn's access log and error log, on stderr in CHATSRV_LOG_FORMAT.
-    access = logging.getLogger("hypercorn.access")
-    access.handlers = [logging.StreamHandler()]
-    access.handlers[0].setFormatter(_logs.formatter(settings.log_format))
-    access.setLevel(logging.INFO)
-    access.propagate = False
-    config.accesslog = access
-    _logs.reformat([config.log.error_logger], settings.log_format)
+    config = _config(settings, graceful_timeout_s=5.0)
+    _logs.reformat([config.log.error_logger, config.log.access_logger], settings.log_format)
     shutdown_trigger = partial(_drain_on_signal, app.extensions)
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(
@@ -97,6 +157,92 @@ async def _serve(settings: Settings) -> None:
             f"model {settings.model} via {settings.provider}; Ctrl-C to stop)",
             flush=True,
         )
+
+
+def _serve_workers(settings: Settings) -> int:
+    """hypercorn's master, running ``settings.workers`` trio workers; the exit status."""
+    # In a worker, hypercorn's graceful period starts with the drain, not after it: it outlasts
+    # the turns' grace and their final commits, so that every client gets its `done` before its
+    # connection is closed. It only bounds: a worker with nothing to drain stops at once.
+    config = _config(
+        settings, graceful_timeout_s=settings.shutdown_grace_s + settings.persist_grace_s + 5.0
+    )
+    config.worker_class = "trio"
+    config.workers = settings.workers
+    config.application_path = "chatsrv.app:create_app()"
+    # The port is bound here, with hypercorn's own code but as for one worker, and handed to
+    # hypercorn as fd:// binds. So it is listening when the line below says so (connections wait
+    # in the backlog until a worker takes them), and it is bound without the SO_REUSEPORT that
+    # hypercorn sets when it binds for several workers — which would let a second server start
+    # on the same port and silently take part of its connections. The workers share the socket.
+    sockets = _config(settings, graceful_timeout_s=0.0).create_sockets().insecure_sockets
+    for sock in sockets:
+        sock.listen(config.backlog)
+    binds = [f"http://{repr_socket_addr(sock.family, sock.getsockname())}" for sock in sockets]
+    config.bind = [f"fd://{sock.detach()}" for sock in sockets]  # hypercorn closes them
+    # The master logs nothing itself: `config.log` is left unmade, so that each worker makes its
+    # own from the config it is sent.
+    print(
+        f"chatsrv serving on {binds[0]}  ({settings.workers} workers, database "
+        f"{_describe_db(settings)}, model {settings.model} via {settings.provider}; "
+        "Ctrl-C to stop)",
+        flush=True,
+    )
+    with _metrics_directory(), _signals_received() as received:
+        status = hypercorn_run(config)
+        # hypercorn returns once one worker has exited (and SIGTERMs the others, which keep
+        # draining: chatsrv's worker holds SIGTERM until it ends). Outlive them all, so that a
+        # supervisor that waits for this process waits for every reply to be saved. (Each
+        # worker bounds its own shutdown: the app's stop bound, hypercorn's graceful period.)
+        for worker in multiprocessing.active_children():
+            worker.join()
+        stopped = bool(received() & {signal.SIGINT, signal.SIGTERM})
+    if not stopped:
+        # Nothing asked it to stop, so a worker failed (its startup, most likely): hypercorn
+        # then stops the server but may exit 0 (docs/hypercorn-worker-exit-status.md).
+        print("chatsrv: a worker process failed (see its log above): stopped", file=sys.stderr)
+        return status or 1
+    return status
+
+
+@contextlib.contextmanager
+def _metrics_directory() -> Iterator[None]:
+    """With several workers, ``/metrics`` answers for the whole server only in prometheus-client's
+    multiprocess mode (``_metrics``): unless ``PROMETHEUS_MULTIPROC_DIR`` names a directory
+    already, one is made for this run, inherited by the workers, and removed after it."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="chatsrv-metrics-") as directory:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+        try:
+            yield
+        finally:
+            del os.environ["PROMETHEUS_MULTIPROC_DIR"]
+
+
+@contextlib.contextmanager
+def _signals_received() -> Iterator[Callable[[], set[int]]]:
+    """The signals this process receives in the block, whoever handles them (hypercorn's master
+    installs its own handlers): Python writes each one's number to the wakeup fd."""
+    reader, writer = socket.socketpair()
+    reader.setblocking(False)
+    writer.setblocking(False)
+    previous = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    received: set[int] = set()
+
+    def read() -> set[int]:
+        with contextlib.suppress(BlockingIOError):
+            while data := reader.recv(64):
+                received.update(data)
+        return received
+
+    try:
+        yield read
+    finally:
+        signal.set_wakeup_fd(previous)
+        reader.close()
+        writer.close()
 
 
 async def _drain_on_signal(extensions: dict[str, object]) -> None:

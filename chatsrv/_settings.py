@@ -25,6 +25,8 @@ class Settings(BaseSettings):
     # Where to listen, for `chatsrv serve` (hypercorn's own config applies under `hypercorn`).
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
+    # Processes serving the port: more than 1 runs hypercorn's master and that many workers.
+    workers: int = Field(default=1, ge=1)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # "json": one JSON object a line (chatsrv's records and hypercorn's), for log shippers.
     log_format: Literal["text", "json"] = "text"
