@@ -27,12 +27,14 @@ async def post(chatsrv: Chatsrv, path: str) -> httpx.Response:
 # --- cancel ------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("frame_ms", [0.0, 40.0])
 @pytest.mark.parametrize("where", ["here", "on another server"])
 async def test_cancel_stops_the_reply_and_keeps_the_servers_copy(
-    start_chatsrv: StartChatsrv, upstream: Any, where: str
+    start_chatsrv: StartChatsrv, upstream: Any, where: str, frame_ms: float
 ) -> None:
-    owner = await start_chatsrv(checkpoint_interval_s=0.05)
-    canceller = owner if where == "here" else await start_chatsrv(checkpoint_interval_s=0.05)
+    start = partial(start_chatsrv, checkpoint_interval_s=0.05, frame_ms=frame_ms)
+    owner = await start()
+    canceller = owner if where == "here" else await start()
     upstream.script.tokens = TOKENS
     upstream.script.gated = True
     conversation_id = await owner.new_conversation()
@@ -45,8 +47,15 @@ async def test_cancel_stops_the_reply_and_keeps_the_servers_copy(
     assert response.status_code == 200
     message = response.json()
     assert (message["status"], message["stop_reason"]) == ("cancelled", "user_cancelled")
-    # The server's full copy: every token the upstream sent before the cancel.
-    assert message["content"] == "".join(TOKENS[:5])
+    if frame_ms:
+        # The server's copy: every token it had read when the cancel came. The frame's wait
+        # is cut short, so those the upstream sent within the frame's last wait are not read.
+        kept = message["content"]
+        assert kept in {"".join(TOKENS[:n]) for n in range(1, 6)}, kept
+    else:
+        # The server's full copy: every token the upstream sent before the cancel.
+        assert message["content"] == "".join(TOKENS[:5])
+    # Whatever the client got, the server holds: no more, no less.
     assert first.text == message["content"]
     assert first.done is not None
     assert (first.done["status"], first.done["stop_reason"]) == ("cancelled", "user_cancelled")
