@@ -132,6 +132,7 @@ class OpenAIProvider:
                         except BaseException:
                             # trio.Cancelled too: it may strike in the frame's wait, outside
                             # the body's chain of generators, which must still be ended.
+                            frame.framing = False  # and at once
                             await _abandon(response, lines, body)
                             raise
                         await _drain(lines)
