@@ -1,9 +1,11 @@
 """The processes of a benchmark run, and what the kernel says they cost.
 
-- :class:`Server`: chatsrv under test, as a deployment runs it: ``hypercorn -c hypercorn.toml``
-  (the repository's own config: trio worker, access log to stdout) with ``--workers N``, bound to
-  a loopback socket that we create, bind to port 0 and hand over as ``fd://N`` (no port race).
-  Its workers are the hypercorn process's ``multiprocessing`` children.
+- :class:`Server`: the server under test, as a deployment runs chatsrv: ``hypercorn -c
+  hypercorn.toml`` (the repository's own config: trio worker, access log to stdout) with
+  ``--workers N``, bound to a loopback socket that we create, bind to port 0 and hand over as
+  ``fd://N`` (no port race). Its ASGI app is chatsrv (``CHATSRV_APP``) or the reference relay
+  (``REFERENCE_APP``, ``bench._reference``), on the same command. Its workers are the hypercorn
+  process's ``multiprocessing`` children.
 - :class:`Upstream`: the fake upstream (``bench._upstream``) in a process of its own.
 - ``cpu_s``, ``rss_bytes``, ``machine_jiffies``: read from ``/proc`` — ``utime + stime`` of every
   thread of a process (the store's asyncio thread included), ``VmRSS``, and the machine's busy
@@ -36,6 +38,9 @@ REPO = Path(__file__).resolve().parent.parent
 # limit (20 by default) with 429: the benchmark measures the server, not that limit, so it sets
 # the limit above any concurrency it runs. (A chatsrv from before the limit ignores it.)
 MAX_STREAMS_PER_USER = "1000000"
+# The ASGI apps a Server runs, as hypercorn's command line names them.
+CHATSRV_APP = "chatsrv.app:create_app()"
+REFERENCE_APP = "bench._reference:app"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -183,12 +188,20 @@ class Upstream:
 
 
 class Server:
-    """``hypercorn -c hypercorn.toml --workers N chatsrv.app:create_app()`` on 127.0.0.1."""
+    """``hypercorn -c hypercorn.toml --workers N APP`` on 127.0.0.1, run in ``root`` (where
+    hypercorn.toml is, and first on the workers' ``sys.path``); ``app`` is chatsrv's by default."""
 
     def __init__(
-        self, *, workers: int, env: dict[str, str], log_path: Path, root: Path = REPO
+        self,
+        *,
+        workers: int,
+        env: dict[str, str],
+        log_path: Path,
+        root: Path = REPO,
+        app: str = CHATSRV_APP,
     ) -> None:
         self.workers_wanted = workers
+        self.app = app
         self.log_path = log_path
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -199,7 +212,7 @@ class Server:
         command = [
             sys.executable, "-m", "hypercorn", "-c", "hypercorn.toml",
             "--bind", f"fd://{listener.fileno()}", "--workers", str(workers),
-            "--backlog", "4096", "chatsrv.app:create_app()",
+            "--backlog", "4096", app,
         ]  # fmt: skip
         try:
             self.process = subprocess.Popen(
@@ -222,7 +235,7 @@ class Server:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"chatsrv exited at startup; see {self.log_path}")
+                raise RuntimeError(f"{self.app} exited at startup; see {self.log_path}")
             running = self.log_path.read_bytes().count(b"Running on")
             if running >= self.workers_wanted:
                 with contextlib.suppress(OSError):
@@ -235,7 +248,7 @@ class Server:
                         if len(self.worker_pids) == self.workers_wanted:
                             return
             time.sleep(0.05)
-        raise RuntimeError(f"chatsrv did not start within {timeout_s} s; see {self.log_path}")
+        raise RuntimeError(f"{self.app} did not start in {timeout_s} s; see {self.log_path}")
 
     def cpu_s(self) -> list[tuple[float, float]]:
         """(user, system) CPU seconds of each worker."""
@@ -265,9 +278,9 @@ class Server:
 
 @contextlib.contextmanager
 def running_server(
-    *, workers: int, env: dict[str, str], log_path: Path, root: Path = REPO
+    *, workers: int, env: dict[str, str], log_path: Path, root: Path = REPO, app: str = CHATSRV_APP
 ) -> Iterator[Server]:
-    server = Server(workers=workers, env=env, log_path=log_path, root=root)
+    server = Server(workers=workers, env=env, log_path=log_path, root=root, app=app)
     try:
         server.wait_ready()
         yield server

@@ -1,4 +1,8 @@
-"""One measured phase: a fresh chatsrv, a warm-up, then N concurrent streams and their figures.
+"""One measured phase: a fresh server, a warm-up, then N concurrent streams and their figures.
+
+The server is chatsrv, or the reference relay (``bench._reference``, ``Target.server``), on the
+same hypercorn command; everything below is the same for both, except that the reference has no
+database (no statement counts) and keeps no replies (the client does not read them back).
 
 Sequence of a phase::
 
@@ -54,6 +58,17 @@ class Target:
     ramp_up_s: float = 1.0
     env: tuple[tuple[str, str], ...] = ()  # more for the server's environment (experiments)
     root: Path = _proc.REPO  # where the server runs: the working tree, or a snapshot (--ref)
+    server: str = "chatsrv"  # or "reference": the naive relay, bench._reference
+
+    @property
+    def reference(self) -> bool:
+        return self.server == "reference"
+
+
+def reference_env(target: Target) -> dict[str, str]:
+    env = {name: value for name, value in os.environ.items() if not name.startswith("CHATSRV_")}
+    env["BENCH_UPSTREAM_URL"] = target.upstream.url
+    return env
 
 
 def chatsrv_env(target: Target) -> dict[str, str]:
@@ -127,12 +142,15 @@ def client_config(
         "concurrency": concurrency,
         "script": asdict(script),
         "timeout_s": timeout_s,
+        "read_back": server.app != _proc.REFERENCE_APP,
     } | options
 
 
 def warm_up(server: _proc.Server) -> int:
     """Rounds of short streams, at least two, until every worker has served some of them (the
     kernel, not us, picks the worker of each connection); the number of rounds."""
+    # A round costs the lean reference relay a few ms of CPU, chatsrv ten times more.
+    served_s = 0.005 if server.app == _proc.REFERENCE_APP else 0.05
     rounds = 0
     while rounds < 6:
         rounds += 1
@@ -147,7 +165,7 @@ def warm_up(server: _proc.Server) -> int:
         if failed:
             raise RuntimeError(f"the warm-up failed: {failed[:3]}")
         used = [sum(cpu) - b for cpu, b in zip(server.cpu_s(), before, strict=True)]
-        if rounds >= 2 and min(used) >= 0.05:
+        if rounds >= 2 and min(used) >= served_s:
             break
     return rounds
 
@@ -168,12 +186,22 @@ def run_phase(
     mode: str = "stream",  # "stream", "disconnect" or "fail"
     disconnect_after: int | None = None,
     profile: Any = None,  # a callable(worker_pids) -> context manager, run inside the window
+    pattern: str | None = None,  # the upstream pattern's name, for the label (bench._compare)
 ) -> dict[str, Any]:
-    label = f"{target.workers}w-{mode}-{concurrency}" + ("-profiled" if profile else "")
+    label = (
+        ("ref-" if target.reference else "")
+        + f"{target.workers}w-{mode}-{concurrency}"
+        + (f"-{pattern}" if pattern else "")
+        + ("-profiled" if profile else "")
+    )
     log_path = target.scratch / f"server-{label}.log"
     started = time.monotonic()
+    if target.reference:
+        app, env, root = _proc.REFERENCE_APP, reference_env(target), _proc.REPO
+    else:
+        app, env, root = _proc.CHATSRV_APP, chatsrv_env(target), target.root
     with _proc.running_server(
-        workers=target.workers, env=chatsrv_env(target), log_path=log_path, root=target.root
+        workers=target.workers, env=env, log_path=log_path, root=root, app=app
     ) as server:
         warm_up_rounds = warm_up(server)
         options: dict[str, Any] = {"ramp_up_s": target.ramp_up_s}
@@ -182,7 +210,7 @@ def run_phase(
         client = Client(client_config(server, concurrency, script, **options))
         client.expect("ready", 120)
 
-        db = target.database
+        db = None if target.reference else target.database
         db_pids = db.backend_pids() if db is not None else []
         target.upstream.reset()
         time.sleep(0.3)  # let the conversations' inserts finish in the log and the sampler start
@@ -227,6 +255,8 @@ def run_phase(
 
     phase: dict[str, Any] = {
         "label": label,
+        "server": target.server,
+        "pattern": pattern,
         "workers": target.workers,
         "mode": mode,
         "concurrency": concurrency,
